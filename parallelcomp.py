@@ -1,0 +1,601 @@
+"""ParallelComp (Xiong et al., ICML 2025, arXiv 2502.14317): training-free length extrapolation for Llama.
+
+The input never goes through attention as a whole. Read this file top to bottom, in the order data flows:
+
+  1. split_chunks        chunks that fit the trained window, cut at sentence ends, positions reused  (Sec. 3.1)
+  2. chunk_scores        I_c = mean NLL of the question given chunk c; keep the k lowest       (Sec. 3.2, Eq. 3)
+  3. snapkv_keep         per-chunk KV eviction scored by the question's last rows, in parallel (Sec. 3.3, Eqs. 5-7)
+     prefill_chunks      batched chunk prefill + a fixed-size priority queue of kept chunks
+  4. assemble_cache      kept chunks' KV in document order, one BOS                              (Sec. 3.3)
+  5. prefill_question    the question over the assembled cache, bottom-right causal            (Eqs. 9-11)
+  6. bias_token_evict    attention calibration: evict sink/recent/middle outlier tokens        (Sec. 4, Eq. 8)
+  7. decode              greedy (default) or temperature/top-p sampling
+
+Shapes: H query heads, Hkv key/value heads, hd head dim, T tokens in a chunk input, S cached tokens.
+A chunk input is  header + chunk + question,  where header = [BOS] (+ an optional chat prefix).
+`../shared/SPEC.md` of the project describes each stage; docstrings say where we differ from the
+authors' released code and why.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache, ModelArgs, Transformer
+
+REGIONS = ("sink", "recent", "middle", "all")
+
+
+class ConfigError(ValueError):
+    """An option value that makes no sense; the message names the option and the valid range."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class ParallelCompConfig:
+    chunk_size: int | None = None  # context tokens per chunk; None: trained window - header - question - margin
+    keep_chunks: int = 3  # k: chunks kept by the priority queue (authors: 3 Llama-2/3, 4 Llama-3.1, 1 retrieval)
+    kv_capacity: int | None = None  # context tokens kept per chunk by KV eviction; None: no eviction
+    window: int = 8  # observation window: last rows of the chunk input that score its keys
+    pool_kernel: int = 7  # max-pool kernel over the KV scores (stride 1, same padding)
+    calibration: list[tuple[str, int, int]] = field(default_factory=list)  # (region, first, last), 1-based layers
+    calibration_threshold: float = 0.1  # lambda: attention above this marks a bias token
+    calibration_rows: int = 1  # r: last question rows whose attention is averaged
+    region_size: int = 100  # sink = first, recent = last `region_size` tokens of each chunk
+    chunk_batch: int = 4  # chunks per forward pass: the "parallel" in ParallelComp
+    question_bos: bool = False  # prepend a BOS to the question's own prefill (the authors' code does)
+
+    def validate(self, args: ModelArgs) -> None:
+        def positive(name, allow_none=False):
+            value = getattr(self, name)
+            if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                return
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        positive("chunk_size", allow_none=True)
+        for name in ("keep_chunks", "window", "pool_kernel", "calibration_rows", "region_size", "chunk_batch"):
+            positive(name)
+        positive("kv_capacity", allow_none=True)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"pool_kernel must be odd (same padding), got {self.pool_kernel}")
+        if self.kv_capacity is not None and self.chunk_size is not None and self.kv_capacity > self.chunk_size:
+            raise ConfigError(f"kv_capacity ({self.kv_capacity}) is larger than a chunk ({self.chunk_size} tokens); "
+                              "it must be at most chunk_size")
+        if not 0.0 < self.calibration_threshold <= 1.0:
+            raise ConfigError(f"calibration_threshold must be in (0, 1], got {self.calibration_threshold}")
+        for rule in self.calibration:
+            region, first, last = rule
+            if region not in REGIONS:
+                raise ConfigError(f"calibration region {region!r} unknown; use one of {', '.join(REGIONS)}")
+            if not 1 <= first <= last <= args.n_layers:
+                raise ConfigError(f"calibration layers {first}-{last} are outside the model's layers "
+                                  f"1-{args.n_layers} (1-based, first <= last)")
+
+    def rules_by_layer(self) -> dict[int, str]:
+        """0-based layer -> region. A layer named by two rules is an error: which region would win is unclear."""
+        out: dict[int, str] = {}
+        for region, first, last in self.calibration:
+            for layer in range(first - 1, last):
+                if layer in out:
+                    raise ConfigError(f"layer {layer + 1} is covered by two calibration rules")
+                out[layer] = region
+        return out
+
+
+def paper_calibration(n_layers: int) -> list[tuple[str, int, int]]:
+    """The paper's best setting (Table 6, "Ours-calibration") scaled to the model's depth:
+    middle in the first quarter of layers, recent in the second, sink in the last (32 layers: 1-8, 9-16, 25-32)."""
+    q = max(1, n_layers // 4)
+    rules = [("middle", 1, q), ("recent", q + 1, min(2 * q, n_layers)), ("sink", max(n_layers - q + 1, 1), n_layers)]
+    seen, out = set(), []
+    for region, first, last in rules:  # very shallow models: drop layers already covered
+        layers = [i for i in range(first, last + 1) if i not in seen]
+        if layers:
+            out.append((region, layers[0], layers[-1]))
+            seen.update(layers)
+    return out
+
+
+def parse_calibration(spec: str, n_layers: int) -> list[tuple[str, int, int]]:
+    """'none' | 'paper' | 'middle:1-8,recent:9-16,sink:25-32' (1-based, inclusive layer ranges)."""
+    if spec == "none":
+        return []
+    if spec == "paper":
+        return paper_calibration(n_layers)
+    rules = []
+    for part in spec.split(","):
+        try:
+            region, layers = part.split(":")
+            first, _, last = layers.partition("-")
+            rules.append((region.strip(), int(first), int(last or first)))
+        except ValueError:
+            raise ConfigError(f"calibration rule {part!r} is not REGION:FIRST-LAST (e.g. middle:1-8)") from None
+    return rules
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: chunking with position reuse (Sec. 3.1)
+
+SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", '."', ".'", ".)", '?"', '!"')
+
+
+def boundary_strength(token_texts: list[str]) -> torch.Tensor:
+    """Per vocabulary id: 2 if the token ends a line, 1 if it ends a sentence, else 0. [vocab] int8."""
+    def strength(text: str) -> int:
+        if text.endswith("\n"):
+            return 2
+        return 1 if text.rstrip(" ").endswith(SENTENCE_ENDS) else 0
+    return torch.tensor([strength(t) for t in token_texts], dtype=torch.int8)
+
+
+def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) -> list[tuple[int, int]]:
+    """Split N context tokens into C = ceil(N / chunk_size) near-equal chunks, each cut after the last line end
+    (else sentence end) in the final `tail` part of its target length; a hard cut only where there is none.
+
+    strength: [N] boundary strength of each context token (see boundary_strength). Returns [(start, end)]
+    covering 0..N exactly once, every chunk at most chunk_size long. The released code instead splits the
+    *text* evenly by characters, which cuts mid-sentence; the boundary effect on the question's first token
+    then swamps the relevance signal of stage 2.
+    """
+    n, bounds, start = len(strength), [], 0
+    while n - start > chunk_size:
+        remaining = n - start
+        target = math.ceil(remaining / math.ceil(remaining / chunk_size))  # near-equal lengths, <= chunk_size
+        lo = start + max(1, target - max(1, int(chunk_size * tail)))
+        seg = strength[lo - 1:start + target]  # tokens that may end this chunk
+        end = start + target
+        for level in (2, 1):
+            hits = (seg >= level).nonzero()
+            if len(hits):
+                end = lo + int(hits[-1])  # cut right after the boundary token
+                break
+        bounds.append((start, end))
+        start = end
+    if n > start or not bounds:
+        bounds.append((start, n))
+    return bounds
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: chunk scores by the question's self-information (Sec. 3.2, Eq. 3)
+
+def question_nll(logits: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """I_c = -log P(q | chunk_c) / |q| for a batch of chunks.
+
+    logits: [B, Q, vocab], the rows just before each question token; question: [Q] ids. Returns [B] float32.
+    Lower = the chunk makes the question more predictable = more relevant.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, Q, V)
+    return -logp.gather(-1, question.expand(logits.shape[0], -1)[..., None]).squeeze(-1).mean(-1)
+
+
+@dataclass(order=True)
+class _Queued:
+    priority: tuple  # (-score, -index): the heap's top is the worst kept chunk (highest I_c, latest on ties)
+    chunk: "EncodedChunk" = field(compare=False)
+
+
+class ChunkQueue:
+    """Fixed-size priority queue keeping the k chunks with the lowest I_c (ties: the earlier chunk).
+
+    It never holds more than k chunks' KV caches, so memory does not grow with the input length.
+    The authors' `topk_windows` keeps the *highest* NLL when positive; `keep_chunks` here always keeps the lowest.
+    """
+
+    def __init__(self, k: int):
+        self.k, self.heap = k, []
+
+    def push(self, chunk: "EncodedChunk") -> None:
+        heapq.heappush(self.heap, _Queued((-chunk.score, -chunk.index), chunk))
+        if len(self.heap) > self.k:
+            heapq.heappop(self.heap)  # drop the worst; its KV cache is freed here
+
+    def kept(self) -> list["EncodedChunk"]:
+        """Kept chunks in document order."""
+        return sorted((q.chunk for q in self.heap), key=lambda c: c.index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: parallel KV-cache eviction inside each chunk (Sec. 3.3, Eqs. 5-7; SnapKV-style)
+
+def snapkv_scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention of each chunk's last `window` query rows over its keys, summed over the rows.
+
+    q: [B, H, T, hd], k: [B, Hkv, T, hd] for a batch of right-padded chunk inputs of real `lengths` [B].
+    GQA: scored per query head, then averaged over the heads sharing a KV head (the released code expands the
+    cache to H heads instead, 4x the memory on Llama-3). flash-attn returns no probabilities, so this small
+    (window x T) score is an explicit matmul. Returns [B, Hkv, T] float32 (0 on padding).
+    """
+    b, h, t, hd = q.shape
+    hkv, g = k.shape[1], h // k.shape[1]
+    rows = (lengths[:, None] - window + torch.arange(window, device=q.device)).clamp(min=0)  # (B, W)
+    q_win = q.gather(2, rows[:, None, :, None].expand(b, h, window, hd))  # (B, H, W, hd)
+    q_win = q_win.reshape(b, hkv, g * window, hd)  # heads of one KV group are adjacent: (B, Hkv, g*W, hd)
+    logits = (q_win @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # (B, Hkv, g*W, T)
+    visible = torch.arange(t, device=q.device)[None, None, :] <= rows[:, :, None]  # causal: (B, W, T)
+    logits = logits.masked_fill(~visible.repeat(1, g, 1)[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).view(b, hkv, g, window, t)
+    return probs.sum(3).mean(2)  # (B, Hkv, T)
+
+
+def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: int, kernel: int) -> torch.Tensor:
+    """Indices (into the chunk input) of the tokens one chunk keeps: its header, plus per KV head the top
+    `capacity` context tokens by max-pooled score, in original order. The question copy is never kept.
+
+    scores: [Hkv, T] for one chunk. Pooling runs over the context tokens only, so neither the BOS nor the
+    question's scores leak into their neighbours. Ties go to the earlier token. Returns [Hkv, n_header + min(capacity, n_context)].
+    """
+    hkv = scores.shape[0]
+    header = torch.arange(n_header, device=scores.device).expand(hkv, n_header)
+    if capacity >= n_context:
+        return torch.arange(n_header + n_context, device=scores.device).expand(hkv, -1)
+    ctx = scores[:, n_header:n_header + n_context]  # (Hkv, n_context)
+    pooled = F.max_pool1d(ctx[:, None], kernel, stride=1, padding=kernel // 2).squeeze(1)  # (Hkv, n_context)
+    top = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[:, :capacity]
+    return torch.cat([header, n_header + top.sort(dim=-1).values], dim=-1)
+
+
+@dataclass
+class EncodedChunk:
+    """A chunk after its prefill: score, and per layer the kept K/V ([Hkv, S, hd]) and their indices ([Hkv, S])
+    into the chunk input (header + context)."""
+    index: int
+    start: int  # offsets into the context ids
+    end: int
+    score: float
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    kept: list[torch.Tensor]
+
+
+class ChunkCache(KVCache):
+    """Cache used during a batch of chunk prefills: each layer attends with the chunk's full keys (eviction only
+    changes what is *stored*, so logits and scores are unaffected), then stores only the kept tokens."""
+
+    def __init__(self, n_layers: int, cfg: ParallelCompConfig, n_header: int, n_context: list[int], lengths):
+        super().__init__(n_layers)
+        self.cfg, self.n_header, self.n_context, self.lengths = cfg, n_header, n_context, lengths
+        self.kept: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S)
+
+    def update(self, layer, q, k, v):
+        scores = None
+        if self.cfg.kv_capacity is not None:
+            scores = snapkv_scores(q, k, self.lengths, min(self.cfg.window, int(self.lengths.min())))
+        for b, n_ctx in enumerate(self.n_context):
+            if scores is None:
+                idx = torch.arange(self.n_header + n_ctx, device=k.device).expand(k.shape[1], -1)
+            else:
+                idx = snapkv_keep(scores[b], self.n_header, n_ctx, self.cfg.kv_capacity, self.cfg.pool_kernel)
+            self.kept[b].append(idx)
+        self.k[layer], self.v[layer] = k, v  # the full batch, read back by `chunk` below
+        return k, v
+
+    def chunk(self, b: int, layer: int):
+        """Kept K/V of chunk b in one layer: fresh tensors, so the batch's full K/V can be freed."""
+        idx = self.kept[b][layer]
+        gather = idx[:, :, None].expand(-1, -1, self.k[layer].shape[-1])  # (Hkv, S, hd)
+        return self.k[layer][b].gather(1, gather), self.v[layer][b].gather(1, gather)
+
+
+@torch.inference_mode()
+def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
+                   bounds: list[tuple[int, int]], cfg: ParallelCompConfig, progress=None):
+    """Stages 2-3 over the stream of chunks: `chunk_batch` chunk inputs per forward, right-padded, each at
+    positions 0..n_c-1 (position reuse), logits only at the rows that predict question tokens; the queue
+    keeps the `keep_chunks` best. Returns (kept chunks in document order, all scores [C] in document order).
+    """
+    device, n_h, n_q = context.device, len(header), len(question)
+    queue, scores = ChunkQueue(cfg.keep_chunks), torch.empty(len(bounds))
+    for first in range(0, len(bounds), cfg.chunk_batch):
+        batch = bounds[first:first + cfg.chunk_batch]
+        n_ctx = [end - start for start, end in batch]
+        lengths = torch.tensor([n_h + n + n_q for n in n_ctx], device=device)
+        tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
+        for b, (start, end) in enumerate(batch):
+            tokens[b, :lengths[b]] = torch.cat([header, context[start:end], question])
+        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # reused in every chunk
+        rows = (torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device))  # (B, Q)
+        cache = ChunkCache(len(model.layers), cfg, n_h, n_ctx, lengths)
+        logits = model(tokens, positions, cache, logits_at=rows)  # (B, Q, vocab)
+        batch_scores = question_nll(logits, question)
+        for b, (start, end) in enumerate(batch):
+            kv = [cache.chunk(b, layer) for layer in range(len(model.layers))]
+            scores[first + b] = batch_scores[b]
+            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), [k for k, _ in kv],
+                                    [v for _, v in kv], cache.kept[b]))
+        del cache, logits
+        if progress is not None:
+            progress(min(first + cfg.chunk_batch, len(bounds)), len(bounds))
+    return queue.kept(), scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 4: assemble the cache
+
+class AssembledCache(KVCache):
+    """The kept chunks' KV, concatenated per layer in document order, each key at the rotary position it was
+    encoded with (positions overlap across chunks, by design). In layers covered by a calibration rule, the
+    question's prefill first evicts bias tokens (stage 6); evicted tokens stay out for decoding.
+
+    Per layer and cached token it knows the token's position in its chunk, its chunk's length (header +
+    context, for the sink/recent/middle regions) and its offset into the context ids (header tokens: -n_header..-1).
+    """
+
+    def __init__(self, kept: list[EncodedChunk], n_header: int, cfg: ParallelCompConfig):
+        n_layers = len(kept[0].keys)
+        super().__init__(n_layers)
+        self.cfg, self.rules, self.calibrating = cfg, cfg.rules_by_layer(), False
+        self.pos, self.chunk_len, self.offset = [], [], []
+        for layer in range(n_layers):
+            ks, vs, pos, clen, off = [], [], [], [], []
+            for i, c in enumerate(kept):
+                idx, s = c.kept[layer], 0 if i == 0 else n_header  # later chunks drop their header
+                ks.append(c.keys[layer][:, s:])
+                vs.append(c.values[layer][:, s:])
+                pos.append(idx[:, s:])
+                clen.append(torch.full_like(idx[:, s:], n_header + c.end - c.start))
+                off.append(torch.where(idx[:, s:] < n_header, idx[:, s:] - n_header, idx[:, s:] - n_header + c.start))
+            self.k[layer] = torch.cat(ks, 1)[None]  # (1, Hkv, S, hd)
+            self.v[layer] = torch.cat(vs, 1)[None]
+            self.pos.append(torch.cat(pos, 1))  # (Hkv, S)
+            self.chunk_len.append(torch.cat(clen, 1))
+            self.offset.append(torch.cat(off, 1))
+        self.kv_offsets = list(self.offset)  # for the trace: after KV eviction, before calibration
+
+    def update(self, layer, q, k, v):
+        region = self.rules.get(layer) if self.calibrating else None
+        if region is not None:
+            scores = calibration_scores(q, self.k[layer], k, self.cfg.calibration_rows)  # (Hkv, S)
+            in_region = region_mask(region, self.pos[layer], self.chunk_len[layer], self.cfg.region_size)
+            keep = bias_token_keep(scores, in_region, self.cfg.calibration_threshold)  # (Hkv, S')
+            gather = keep[None, :, :, None].expand(1, -1, -1, k.shape[-1])
+            self.k[layer], self.v[layer] = self.k[layer].gather(2, gather), self.v[layer].gather(2, gather)
+            self.pos[layer], self.offset[layer] = self.pos[layer].gather(1, keep), self.offset[layer].gather(1, keep)
+            self.chunk_len[layer] = self.chunk_len[layer].gather(1, keep)
+        return super().update(layer, q, k, v)
+
+
+def assemble_cache(kept: list[EncodedChunk], n_header: int, cfg: ParallelCompConfig):
+    """Stage 4. Returns (cache, M) with M = n_header + the longest kept chunk's context length, counted before
+    KV eviction: the question's positions continue right after the longest chunk."""
+    return AssembledCache(kept, n_header, cfg), n_header + max(c.end - c.start for c in kept)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 6: attention calibration (Sec. 4, Eq. 8; Tables 6 and 8)
+
+def calibration_scores(q: torch.Tensor, cached_k: torch.Tensor, new_k: torch.Tensor, rows: int) -> torch.Tensor:
+    """Attention of the question's last `rows` query rows over cache + question keys (bottom-right causal among
+    the question tokens; the released code uses no mask for several rows), averaged over the rows and over the
+    query heads of each KV group. q: [1, H, Q, hd]; cached_k: [1, Hkv, S, hd]; new_k: [1, Hkv, Q, hd].
+    Returns [Hkv, S] float32: the scores of the cached tokens."""
+    _, h, n_q, hd = q.shape
+    hkv, s = cached_k.shape[1], cached_k.shape[2]
+    rows = min(rows, n_q)
+    keys = torch.cat([cached_k, new_k], dim=2)[0]  # (Hkv, S+Q, hd)
+    q_rows = q[0, :, n_q - rows:].reshape(hkv, (h // hkv) * rows, hd)  # (Hkv, g*r, hd)
+    logits = (q_rows @ keys.transpose(-1, -2)).float() / math.sqrt(hd)  # (Hkv, g*r, S+Q)
+    visible = torch.arange(s + n_q, device=q.device)[None] <= s + n_q - rows + torch.arange(rows, device=q.device)[:, None]
+    logits = logits.masked_fill(~visible.repeat(h // hkv, 1), float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(1)[:, :s]  # (Hkv, S)
+
+
+def region_mask(region: str, pos: torch.Tensor, chunk_len: torch.Tensor, size: int) -> torch.Tensor:
+    """Regions per chunk (the paper's definition): sink = a chunk's first `size` positions, recent = its last
+    `size`, middle = the rest, all = anywhere. (The released code measures them on the whole concatenation.)"""
+    sink, recent = pos < size, pos >= chunk_len - size
+    return {"sink": sink, "recent": recent, "middle": ~sink & ~recent, "all": torch.ones_like(sink)}[region]
+
+
+def bias_token_keep(scores: torch.Tensor, in_region: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Evict, per KV head, the cached tokens in the rule's region whose score exceeds the threshold. To keep K/V
+    rectangular, heads that flag fewer tokens than the head with the most also drop their lowest-scoring ones.
+    scores, in_region: [Hkv, S]. Returns the kept indices [Hkv, S - n], in original order."""
+    flagged = (scores > threshold) & in_region
+    n = int(flagged.sum(-1).max())
+    if n == 0:
+        return torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
+    order = torch.sort(scores.masked_fill(flagged, float("-inf")), dim=-1, stable=True).indices  # flagged first
+    return order[:, n:].sort(dim=-1).values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 5: the question over the assembled cache (Eqs. 9-11)
+
+@torch.inference_mode()
+def prefill_question(model: Transformer, cache: AssembledCache, question: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Feed the question once at positions M, M+1, ...; each token attends to every cached token and causally to
+    earlier question tokens (bottom-right alignment: model.attention). Calibration runs inside, per layer.
+    Returns the logits of the last question token [vocab] float32."""
+    positions = torch.arange(start_pos, start_pos + len(question), device=question.device)[None]
+    cache.calibrating = True
+    logits = model(question[None], positions, cache, logits_at=torch.tensor([[len(question) - 1]], device=question.device))
+    cache.calibrating = False
+    return logits[0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 7: decoding
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when temperature == 0; otherwise softmax(logits / T) restricted to the smallest set of tokens
+    whose probability reaches top_p (nucleus sampling), renormalised."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    sorted_p[(sorted_p.cumsum(0) - sorted_p) > top_p] = 0.0  # keep tokens until the mass before them reaches top_p
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.inference_mode()
+def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: int, max_new_tokens: int,
+           stop_ids, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
+    """Generate up to max_new_tokens from the logits of the last prompt token; new tokens continue at next_pos,
+    ... and are appended to the cache (it stays at its compressed size plus the generated tokens)."""
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(0 if seed is None else seed)
+    out = []
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)
+        if token in stop_ids:
+            break
+        out.append(token)
+        if on_token is not None:
+            on_token(out)
+        if i + 1 == max_new_tokens:
+            break
+        x = torch.tensor([[token]], device=logits.device)
+        logits = model(x, torch.tensor([[next_pos]], device=x.device), cache)[0, -1]
+        next_pos += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole method, the baseline, and the porter's trace
+
+@dataclass
+class Result:
+    ids: list[int]  # generated token ids (stop token excluded)
+    text: str
+    stats: dict
+    trace: dict[str, torch.Tensor] | None = None
+
+
+def default_chunk_size(args: ModelArgs, n_header: int, n_question: int, max_new_tokens: int) -> int:
+    """The model's trained window minus the header, the question and the tokens to generate (the margin), so
+    chunk prefill, the question (at positions M..) and the answer all stay inside the trained window."""
+    size = args.trained_window - n_header - n_question - max_new_tokens
+    if size < 1:
+        raise ConfigError(f"the question ({n_question} tokens) plus max_new_tokens ({max_new_tokens}) leave no room "
+                          f"for context in the model's trained window ({args.trained_window} tokens); shorten them")
+    return size
+
+
+@torch.inference_mode()
+def run_parallelcomp(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
+                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None):
+    """Stages 1-6 on token ids. Returns (cache, logits of the last question token, next position, info dict)."""
+    bounds = split_chunks(strength, cfg.chunk_size)
+    kept, scores = prefill_chunks(model, header, context, question, bounds, cfg, progress)
+    cache, m = assemble_cache(kept, len(header), cfg)
+    q = torch.cat([header[:1], question]) if cfg.question_bos and len(header) else question
+    logits = prefill_question(model, cache, q, m)
+    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache,
+            "kv_kept": [c.kept for c in kept]}
+    return cache, logits, m + len(q), info
+
+
+@torch.inference_mode()
+def run_full(model: Transformer, tokens: torch.Tensor):
+    """Baseline: one ordinary forward over [BOS] + context + question at positions 0..N-1."""
+    cache = KVCache(len(model.layers))
+    positions = torch.arange(len(tokens), device=tokens.device)[None]
+    logits = model(tokens[None], positions, cache, logits_at=torch.tensor([[len(tokens) - 1]], device=tokens.device))
+    return cache, logits[0, 0], len(tokens)
+
+
+def middle_truncate(context: torch.Tensor, budget: int) -> torch.Tensor:
+    """Keep the first and last budget/2 tokens (the paper's FullKV baseline truncates in the middle)."""
+    if len(context) <= budget:
+        return context
+    head = budget // 2
+    return torch.cat([context[:head], context[len(context) - (budget - head):]])
+
+
+def generate(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
+             method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, prefix: str = "", full_max_tokens: int | None = None,
+             progress=None, on_text=None, trace: bool = False) -> Result:
+    """Answer `question` about `context`. Context and question are tokenized separately and joined at token
+    level: a chunk input is [BOS] + encode(prefix) + encode(context)[chunk] + encode(question).
+    method: "parallelcomp" or "full" (the baseline; `full_max_tokens` middle-truncates the context).
+    progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token."""
+    cfg = config or ParallelCompConfig()
+    args, device = model.args, next(model.parameters()).device
+    ids = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)  # noqa: E731
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    header = torch.cat([torch.tensor(bos, dtype=torch.long, device=device), ids(prefix)]) if prefix else \
+        torch.tensor(bos, dtype=torch.long, device=device)
+    context_ids, question_ids = ids(context), ids(question)
+    if len(question_ids) == 0:
+        raise ConfigError("the question is empty; pass a question")
+    if len(header) + len(question_ids) > args.trained_window:
+        raise ConfigError(f"the question is {len(question_ids)} tokens, longer than the model's trained window "
+                          f"({args.trained_window}); shorten it")
+    if cfg.chunk_size is None:
+        cfg = ParallelCompConfig(**{**cfg.__dict__, "chunk_size": default_chunk_size(
+            args, len(header), len(question_ids), max_new_tokens)})
+    cfg.validate(args)
+    if len(context_ids) == 0:
+        raise ConfigError("the context is empty; give the text to answer the question about")
+    if int(torch.cat([header, context_ids, question_ids]).max()) >= args.vocab_size:
+        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
+                          "the tokenizer files do not belong to this checkpoint")
+
+    t0 = time.perf_counter()
+    stats = {"method": method, "input_tokens": len(header) + len(context_ids) + len(question_ids)}
+    if method == "parallelcomp":
+        strength = boundary_table(tokenizer)[context_ids.cpu()]
+        cache, logits, next_pos, info = run_parallelcomp(model, header, context_ids, question_ids, cfg,
+                                                         strength, progress)
+        stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=cfg.chunk_size,
+                     cache_tokens=round(sum(o.shape[1] for o in cache.offset) / len(cache.offset)))
+    elif method == "full":
+        ctx = context_ids if full_max_tokens is None else middle_truncate(
+            context_ids, max(0, full_max_tokens - len(header) - len(question_ids)))
+        cache, logits, next_pos = run_full(model, torch.cat([header, ctx, question_ids]))
+        stats.update(cache_tokens=cache.length - len(question_ids))
+    else:
+        raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats["prefill_s"] = time.perf_counter() - t0
+    stats["cache_bytes"] = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+    t1 = time.perf_counter()
+    on_token = (lambda out: on_text(tokenizer.decode(out))) if on_text is not None else None
+    out = decode(model, cache, logits, next_pos, max_new_tokens, set(tokenizer.stop_ids), temperature, top_p,
+                 seed, on_token)
+    stats["decode_s"] = time.perf_counter() - t1
+    stats["new_tokens"] = len(out)
+    stats["tokens_per_s"] = len(out) / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+    result = Result(out, tokenizer.decode(out), stats)
+    if trace:
+        result.trace = {"context_ids": context_ids.cpu(), "question_ids": question_ids.cpu(),
+                        "generated_ids": torch.tensor(out, dtype=torch.long), "first_logits": logits.float().cpu()}
+        if method == "parallelcomp":
+            result.trace.update(make_trace(info, len(header)))
+    return result
+
+
+_BOUNDARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def boundary_table(tokenizer) -> torch.Tensor:
+    """boundary_strength of the tokenizer's vocabulary, computed once per tokenizer (128K ids take a moment)."""
+    if tokenizer not in _BOUNDARIES:
+        _BOUNDARIES[tokenizer] = boundary_strength(tokenizer.token_texts())
+    return _BOUNDARIES[tokenizer]
+
+
+def make_trace(info: dict, n_header: int) -> dict[str, torch.Tensor]:
+    """Stage-by-stage tensors for porters (see README, "Trace format")."""
+    cache: AssembledCache = info["cache"]
+    trace = {"chunk_bounds": torch.tensor(info["bounds"], dtype=torch.long),
+             "chunk_scores": info["scores"].float(),
+             "kept_chunks": torch.tensor(info["kept"], dtype=torch.long)}
+    for layer in range(len(cache.k)):
+        trace[f"kv_kept.{layer}"] = cache.kv_offsets[layer].cpu()
+        trace[f"calibration_kept.{layer}"] = cache.offset[layer].cpu()
+    return trace
