@@ -1,0 +1,264 @@
+"""Answer a question over a long prompt with ParallelComp, from a Hugging Face checkpoint folder.
+
+    python generate.py --ckpt DIR --prompt-file FILE --question "..."     # 128K tokens on one GPU
+    python generate.py                                                   # the built-in passkey demo (CPU)
+
+stdout carries only the generated text, streamed; progress and a closing stats block go to stderr.
+Bad input ends with one line on stderr and exit code 2; Ctrl-C with exit code 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from model import CheckpointError, load_model
+from parallelcomp import ConfigError, ParallelCompConfig, generate, parse_calibration
+from tokenizer import load_tokenizer
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or a file; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+
+def read_prompt(path: str) -> str:
+    """The prompt file as text. Undecodable bytes (a file that is mostly but not all UTF-8) are replaced
+    with U+FFFD and reported on stderr; a file with NUL bytes or mostly undecodable bytes is refused."""
+    if os.path.isdir(path):
+        raise UsageError(f"prompt file {path} is a directory; give a text file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"prompt file {path} not found") from None
+    except OSError as e:
+        raise UsageError(f"prompt file {path} cannot be read: {e.strerror}") from None
+    if b"\x00" in data[:65536]:
+        raise UsageError(f"prompt file {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > max(16, len(text) // 10):
+        raise UsageError(f"prompt file {path} is not text ({bad} undecodable bytes); give a UTF-8 text file")
+    if bad:
+        print(f"warning: {path} is not valid UTF-8; {bad} undecodable bytes replaced with U+FFFD", file=sys.stderr)
+    if not text.strip():
+        raise UsageError(f"prompt file {path} is empty")
+    return text
+
+
+def split_question(prompt: str, question: str | None) -> tuple[str, str]:
+    """(context, question). Without --question the prompt's last paragraph (after the last blank line) is the
+    question, and everything before it the context."""
+    if question is not None:
+        if not question.strip():
+            raise UsageError("the question is empty; pass a non-empty --question")
+        return prompt, question
+    body = prompt.rstrip()
+    cut = body.rfind("\n\n")
+    if cut < 0 or not body[:cut].strip():
+        raise UsageError("no question given and the prompt has no final paragraph to use as one: "
+                         "pass --question or end the prompt file with a blank line and the question")
+    return body[:cut + 2], body[cut + 2:]
+
+
+def chat_parts(tokenizer, question: str) -> tuple[str, str]:
+    """The model's chat template split around the context: (prefix before the context, question part after it).
+    Every chunk input becomes [BOS] + prefix + chunk + question part, which ends with the assistant header."""
+    if not tokenizer.chat_template or not isinstance(tokenizer.chat_template, str):
+        raise UsageError("--chat: this checkpoint has no chat template in tokenizer_config.json; drop --chat")
+    try:
+        import jinja2
+    except ImportError:
+        raise UsageError("--chat needs the jinja2 package: pip install jinja2") from None
+    mark = "\x00CONTEXT\x00"
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(UsageError(f"chat template: {msg}"))
+    text = env.from_string(tokenizer.chat_template).render(
+        messages=[{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True,
+        bos_token=tokenizer.bos_token or "", eos_token="")
+    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]  # BOS is placed as an id, never as text
+    prefix, _, rest = text.partition(mark)
+    return prefix, rest
+
+
+def pick_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but this machine has no CUDA GPU that torch can use; use --device cpu")
+    device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    chosen = getattr(torch, dtype)
+    if device.type == "cpu" and chosen == torch.float16:
+        raise UsageError("--dtype float16 is not supported on CPU; use float32 (fastest on CPU) or bfloat16")
+    if device.type == "cuda" and chosen == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bfloat16: this GPU cannot do bfloat16; use float16")
+    return device, chosen
+
+
+def check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--dump {path}: cannot write there; give a file path in an existing, writable folder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+class Progress:
+    """A bar over chunks on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.enabled:
+            bar = "#" * (30 * done // total)
+            sys.stderr.write(f"\rprefill [{bar:<30}] {done}/{total} chunks  {time.perf_counter() - self.t0:.1f}s")
+            sys.stderr.write("\n" if done == total else "")
+            sys.stderr.flush()
+
+
+class Stream:
+    """Writes each newly decoded piece of text to stdout as it is produced."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def __call__(self, text: str) -> None:
+        if text.startswith(self.shown):  # a multi-byte character may decode only when complete
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU, allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def print_stats(stats: dict, device: torch.device) -> None:
+    lines = [f"input tokens      {stats['input_tokens']}"]
+    if stats["method"] == "parallelcomp":
+        lines.append(f"chunks            {stats['chunks_kept']} kept of {stats['chunks_total']} "
+                     f"(chunk size {stats['chunk_size']} tokens)")
+    lines += [f"cache             {stats['cache_tokens']} tokens per KV head, {stats['cache_bytes'] / 2**20:.1f} MiB",
+              f"prefill           {stats['prefill_s']:.2f} s",
+              f"decode            {stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s",
+              f"peak memory       {peak_memory(device)}"]
+    print(f"--- {stats['method']} ---\n" + "\n".join(lines), file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.question is not None and args.question_file is not None:
+        raise UsageError("give --question or --question-file, not both")
+    if args.dump:
+        check_writable(args.dump)
+    prompt = read_prompt(args.prompt_file)
+    question = read_prompt(args.question_file) if args.question_file else args.question
+    context, question = split_question(prompt, question)
+    device, dtype = pick_device(args.device, args.dtype)
+    tokenizer = load_tokenizer(args.ckpt)
+    model = load_model(args.ckpt, device=device, dtype=dtype)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise CheckpointError(f"the tokenizer in {args.ckpt} has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.args.vocab_size}; the tokenizer files belong to another model")
+    prefix = ""
+    if args.chat:
+        prefix, question = chat_parts(tokenizer, question)
+    cfg = ParallelCompConfig(
+        chunk_size=args.chunk_size, keep_chunks=args.keep_chunks, kv_capacity=args.kv_capacity, window=args.window,
+        calibration=parse_calibration(args.calibration, model.args.n_layers),
+        calibration_threshold=args.calibration_threshold, chunk_batch=args.chunk_batch)
+    cfg.validate(model.args)
+    torch.manual_seed(args.seed)
+    result = generate(model, tokenizer, context, question, cfg, method=args.method,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, prefix=prefix, progress=Progress(sys.stderr.isatty()), on_text=Stream(),
+                      trace=bool(args.dump))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print_stats(result.stats, device)
+    if args.dump:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in result.trace.items()}, args.dump)
+        print(f"trace written to {args.dump}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv:
+            from demo.run import run_demo
+            return run_demo()
+        return run(build_parser().parse_args(argv))
+    except (UsageError, CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: out of memory; lower --chunk-batch, set --kv-capacity, or use a smaller --max-new-tokens",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer files")
+    p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the long context")
+    p.add_argument("--question", help="the question; default: the prompt file's last paragraph")
+    p.add_argument("--question-file", help="read the question from this file instead")
+    p.add_argument("--method", choices=["parallelcomp", "full"], default="parallelcomp",
+                   help="parallelcomp (default) or full: ordinary attention over the whole input, the baseline")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--chunk-size", type=int, help="context tokens per chunk (default: trained window - question - "
+                                                  "max new tokens)")
+    p.add_argument("--keep-chunks", type=int, default=3, help="chunks kept after scoring (default 3; 1 for retrieval)")
+    p.add_argument("--kv-capacity", type=int, help="context tokens kept per chunk by KV eviction (default: no eviction)")
+    p.add_argument("--window", type=int, default=8, help="observation window for KV eviction (default 8)")
+    p.add_argument("--calibration", default="none",
+                   help="none (default), paper, or rules like middle:1-8,recent:9-16,sink:25-32 (1-based layers)")
+    p.add_argument("--calibration-threshold", type=float, default=0.1, help="attention threshold (default 0.1)")
+    p.add_argument("--chunk-batch", type=int, default=4, help="chunks per forward pass (default 4)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
+    p.add_argument("--dump", help="write the stage-by-stage trace to this .safetensors file (README: trace format)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
