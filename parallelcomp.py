@@ -257,31 +257,29 @@ class EncodedChunk:
 
 class ChunkCache(KVCache):
     """Cache used during a batch of chunk prefills: each layer attends with the chunk's full keys (eviction only
-    changes what is *stored*, so logits and scores are unaffected), then stores only the kept tokens."""
+    changes what is *stored*, so logits and scores are unaffected), and only the kept tokens are stored."""
 
-    def __init__(self, n_layers: int, cfg: ParallelCompConfig, n_header: int, n_context: list[int], lengths):
-        super().__init__(n_layers)
+    def __init__(self, cfg: ParallelCompConfig, n_header: int, n_context: list[int], lengths: torch.Tensor):
+        super().__init__(0)
         self.cfg, self.n_header, self.n_context, self.lengths = cfg, n_header, n_context, lengths
         self.kept: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S)
+        self.keys: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S, hd)
+        self.values: list[list[torch.Tensor]] = [[] for _ in n_context]
 
     def update(self, layer, q, k, v):
         scores = None
         if self.cfg.kv_capacity is not None:
-            scores = snapkv_scores(q, k, self.lengths, min(self.cfg.window, int(self.lengths.min())))
+            scores = snapkv_scores(q, k, self.lengths, min(self.cfg.window, int(self.lengths.min())))  # (B, Hkv, T)
         for b, n_ctx in enumerate(self.n_context):
             if scores is None:
                 idx = torch.arange(self.n_header + n_ctx, device=k.device).expand(k.shape[1], -1)
             else:
                 idx = snapkv_keep(scores[b], self.n_header, n_ctx, self.cfg.kv_capacity, self.cfg.pool_kernel)
-            self.kept[b].append(idx)
-        self.k[layer], self.v[layer] = k, v  # the full batch, read back by `chunk` below
+            gather = idx[:, :, None].expand(-1, -1, k.shape[-1])  # (Hkv, S, hd): fresh tensors, the batch's
+            self.kept[b].append(idx)                               # full K/V is freed after this layer
+            self.keys[b].append(k[b].gather(1, gather))
+            self.values[b].append(v[b].gather(1, gather))
         return k, v
-
-    def chunk(self, b: int, layer: int):
-        """Kept K/V of chunk b in one layer: fresh tensors, so the batch's full K/V can be freed."""
-        idx = self.kept[b][layer]
-        gather = idx[:, :, None].expand(-1, -1, self.k[layer].shape[-1])  # (Hkv, S, hd)
-        return self.k[layer][b].gather(1, gather), self.v[layer][b].gather(1, gather)
 
 
 @torch.inference_mode()
@@ -302,14 +300,13 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
             tokens[b, :lengths[b]] = torch.cat([header, context[start:end], question])
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # reused in every chunk
         rows = (torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device))  # (B, Q)
-        cache = ChunkCache(len(model.layers), cfg, n_h, n_ctx, lengths)
+        cache = ChunkCache(cfg, n_h, n_ctx, lengths)
         logits = model(tokens, positions, cache, logits_at=rows)  # (B, Q, vocab)
         batch_scores = question_nll(logits, question)
         for b, (start, end) in enumerate(batch):
-            kv = [cache.chunk(b, layer) for layer in range(len(model.layers))]
             scores[first + b] = batch_scores[b]
-            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), [k for k, _ in kv],
-                                    [v for _, v in kv], cache.kept[b]))
+            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), cache.keys[b], cache.values[b],
+                                    cache.kept[b]))
         del cache, logits
         if progress is not None:
             progress(min(first + cfg.chunk_batch, len(bounds)), len(bounds))
