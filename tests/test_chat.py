@@ -1,0 +1,41 @@
+"""--chat: the checkpoint's own chat template, split around the context so every chunk is a user turn."""
+import json
+import os
+import shutil
+
+import pytest
+
+import generate
+from tokenizer import load_tokenizer
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.fixture
+def chat_dir(tmp_path, bpe_tokenizer_dir):
+    path = str(tmp_path / "chat")
+    shutil.copytree(bpe_tokenizer_dir, path)
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = LLAMA3_TEMPLATE
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def test_chat_template_is_split_around_the_context(chat_dir):
+    tok = load_tokenizer(chat_dir)
+    prefix, question = generate.chat_parts(tok, "Who is it?")
+    assert prefix == "<|start_header_id|>user<|end_header_id|>\n\n"  # BOS is placed as an id, not as text
+    assert question == "\n\nWho is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    ids = tok.encode(question)
+    assert tok.token_id("<|eot_id|>") in ids and tok.token_id("<|start_header_id|>") in ids  # special tokens
+
+
+def test_chat_without_template_is_a_clear_error(bpe_tokenizer_dir):
+    with pytest.raises(generate.UsageError, match="no chat template"):
+        generate.chat_parts(load_tokenizer(bpe_tokenizer_dir), "Who?")
