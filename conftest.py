@@ -44,8 +44,11 @@ def sp_model(tmp_path_factory) -> str:
 
 
 def make_checkpoint(path: str, sp_model: str | None = None, model_type: str = "llama", seed: int = 0,
-                    max_shard_size=None, **config) -> str:
-    """Save a random tiny model with `save_pretrained` (safetensors) plus tokenizer files; returns `path`."""
+                    max_shard_size=None, random_vectors: bool = False, **config) -> str:
+    """Save a random tiny model with `save_pretrained` (safetensors) plus tokenizer files; returns `path`.
+
+    random_vectors: also randomize biases and norm weights, which `transformers` initializes to 0 and 1 (a
+    mis-mapped bias or norm weight then shows in the logits)."""
     import transformers
     torch.manual_seed(seed)
     base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -59,13 +62,18 @@ def make_checkpoint(path: str, sp_model: str | None = None, model_type: str = "l
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
+            elif random_vectors:
+                p.add_(torch.randn_like(p) * 0.1)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kw)
     if sp_model:
         import shutil
         shutil.copy(sp_model, os.path.join(path, "tokenizer.model"))
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, f)
+            # tokenizer_class as Llama 2 folders write it: without it transformers 5 converts tokenizer.model
+            # with a generic converter that drops SentencePiece's dummy prefix ("hello" -> "he", not "▁he")
+            json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                       "tokenizer_class": "LlamaTokenizer"}, f)
     return path
 
 
@@ -75,3 +83,46 @@ def tiny_ckpt(tmp_path, sp_model):
     def make(name="ckpt", **kw):
         return make_checkpoint(str(tmp_path / name), sp_model, **kw)
     return make
+
+
+# Llama 3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B), applied before byte-level BPE.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def train_byte_bpe(path: str, vocab_size: int = 600) -> str:
+    """A Llama 3-style tokenizer folder built in-process with `tokenizers` (well under a second): byte-level
+    BPE behind Llama 3's regex split, special tokens appended after the BPE vocabulary, a post-processor that
+    prepends <|begin_of_text|>, tokenizer_config.json with bos/eos strings and generation_config.json with a
+    list of eos ids (<|end_of_text|> and <|eot_id|>). Returns `path`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    tok.train_from_iterator((sample_text(rng, 3) for _ in range(2000)), trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(list(LLAMA3_SPECIALS))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                   "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": bos,
+                   "eos_token_id": [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]}, f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> str:
+    """Folder with a Llama 3-style tokenizer.json (see train_byte_bpe); copy it before modifying."""
+    return train_byte_bpe(str(tmp_path_factory.mktemp("bpe")))

@@ -58,12 +58,17 @@ class ModelArgs:
     o_bias: bool = False  # Llama's `attention_bias` puts a bias on all four projections
     mlp_bias: bool = False
     model_type: str = "llama"
+    sliding_window: int | None = None  # Mistral v0.1: keys further back than this are not attended
 
     @property
     def trained_window(self) -> int:
-        """Tokens the model was pre-trained on: the pre-scaling window for Llama 3.1-style checkpoints."""
+        """Tokens the model was pre-trained on: the pre-scaling window for Llama 3.1-style checkpoints.
+
+        Capped at the sliding window where the checkpoint has one: this model always runs full attention,
+        which equals sliding-window attention only while a sequence fits in the window."""
         orig = (self.rope_scaling or {}).get("original_max_position_embeddings")
-        return int(orig or self.max_position_embeddings)
+        window = int(orig or self.max_position_embeddings)
+        return min(window, self.sliding_window) if self.sliding_window else window
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
@@ -76,11 +81,13 @@ class ModelArgs:
             dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # old configs spell it "type"
             if rope_type not in ("default", "llama3", "linear"):
-                raise CheckpointError(f"RoPE type {rope_type!r} in config.json is not supported "
+                raise CheckpointError(f"RoPE type {rope_type!r} is not supported "
                                       "(supported: default, llama3, linear)")
             bias = bool(cfg.get("attention_bias", False))
+            # Mistral always slides; Qwen2 carries a sliding_window it only uses with use_sliding_window
+            sliding = cfg.get("sliding_window") if mtype == "mistral" or cfg.get("use_sliding_window") else None
             return cls(
                 dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
                 n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
@@ -91,11 +98,11 @@ class ModelArgs:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bias or mtype == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-                model_type=mtype)
+                model_type=mtype, sliding_window=int(sliding) if sliding else None)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"config.json lacks or mangles a required field ({e!r})") from None
+            raise CheckpointError(f"a required field is missing or malformed ({e!r})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,9 +332,12 @@ def read_json(path: str, what: str) -> dict:
 def load_args(ckpt_dir: str) -> ModelArgs:
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint folder {ckpt_dir!r} does not exist or is not a folder")
-    cfg = read_json(os.path.join(ckpt_dir, "config.json"),
-                    "a checkpoint folder holds config.json, *.safetensors and tokenizer files")
-    return ModelArgs.from_config(cfg)
+    path = os.path.join(ckpt_dir, "config.json")
+    cfg = read_json(path, "a checkpoint folder holds config.json, *.safetensors and tokenizer files")
+    try:
+        return ModelArgs.from_config(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def weight_files(ckpt_dir: str) -> list[str]:
@@ -379,7 +389,8 @@ def load_model(ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.d
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{fname} cannot be read ({str(e).splitlines()[0]}); it is damaged or "
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{fname} cannot be read ({reason}); it is damaged or "
                                   "truncated: re-download it") from None
     missing = sorted(set(names) - {k for k in names if names[k] in state})
     if missing:

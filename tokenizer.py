@@ -75,7 +75,9 @@ class Tokenizer:
             bos = next(iter(_ids(gen_cfg.get("bos_token_id")) + _ids(cfg.get("bos_token_id"))), None)
         if bos is None and self._sp is not None and self._sp.bos_id() >= 0 and "bos_token" not in tok_cfg:
             bos = self._sp.bos_id()
-        if tok_cfg.get("add_bos_token") is False:  # e.g. Qwen2: no BOS at all
+        # Qwen2 says "no BOS at all" with add_bos_token: false and/or bos_token: null, while its config.json
+        # still names a bos_token_id (<|endoftext|>) that the model never sees at the start
+        if tok_cfg.get("add_bos_token") is False or ("bos_token" in tok_cfg and tok_cfg["bos_token"] is None):
             bos = None
         self.bos_id: int | None = bos
         self.bos_token = bos_str
