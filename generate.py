@@ -8,15 +8,22 @@ Bad input ends with one line on stderr and exit code 2; Ctrl-C with exit code 13
 """
 from __future__ import annotations
 
-import argparse
 import os
-import resource
-import sys
-import time
 
-import torch
+# before torch loads OpenMP: idle worker threads must sleep, not spin. With spinning, a busy machine (another
+# process on the same cores) made the chunk prefill of a tiny model 18-25x slower (1M tokens: 214 s vs 8.7 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from model import CheckpointError, load_model
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from model import CheckpointError, load_args, load_model
 from parallelcomp import ConfigError, ParallelCompConfig, generate, parse_calibration
 from tokenizer import load_tokenizer
 
@@ -30,29 +37,44 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # Inputs
 
-def read_prompt(path: str) -> str:
-    """The prompt file as text. Undecodable bytes (a file that is mostly but not all UTF-8) are replaced
-    with U+FFFD and reported on stderr; a file with NUL bytes or mostly undecodable bytes is refused."""
+def read_prompt(path: str, max_mb: float, what: str = "prompt file") -> str:
+    """The file as text. Policy for bytes that are not UTF-8: a few (a file that is mostly UTF-8) are replaced
+    with U+FFFD and reported on stderr; a file with NUL bytes (binary, or UTF-16) or mostly undecodable bytes
+    is refused, and so is one larger than `max_mb` MiB (at most that much is ever read)."""
     if os.path.isdir(path):
-        raise UsageError(f"prompt file {path} is a directory; give a text file")
+        raise UsageError(f"{what} {path} is a directory; give a text file")
+    limit = int(max_mb * 2**20)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(limit + 1)
     except FileNotFoundError:
-        raise UsageError(f"prompt file {path} not found") from None
+        raise UsageError(f"{what} {path} not found") from None
     except OSError as e:
-        raise UsageError(f"prompt file {path} cannot be read: {e.strerror}") from None
-    if b"\x00" in data[:65536]:
-        raise UsageError(f"prompt file {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
-    text = data.decode("utf-8", errors="replace")
+        raise UsageError(f"{what} {path} cannot be read: {e.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {max_mb:g} MiB (about {limit // 4:,} tokens of text); "
+                         "give the right file, or raise the limit with --max-prompt-mb")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"{what} {path} is UTF-16; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in data:
+        raise UsageError(f"{what} {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff")  # and drop a UTF-8 byte-order mark
     bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if bad > max(16, len(text) // 10):
-        raise UsageError(f"prompt file {path} is not text ({bad} undecodable bytes); give a UTF-8 text file")
+        raise UsageError(f"{what} {path} is not text ({bad} undecodable bytes); give a UTF-8 text file")
     if bad:
         print(f"warning: {path} is not valid UTF-8; {bad} undecodable bytes replaced with U+FFFD", file=sys.stderr)
     if not text.strip():
-        raise UsageError(f"prompt file {path} is empty")
+        raise UsageError(f"{what} {path} is empty")
     return text
+
+
+def check_utf8(text: str, flag: str) -> None:
+    """Python hands over command-line bytes that are not UTF-8 as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag} is not valid UTF-8 (check the terminal's encoding, or use a file)") from None
 
 
 def split_question(prompt: str, question: str | None) -> tuple[str, str]:
@@ -76,15 +98,22 @@ def chat_parts(tokenizer, question: str) -> tuple[str, str]:
     if not tokenizer.chat_template or not isinstance(tokenizer.chat_template, str):
         raise UsageError("--chat: this checkpoint has no chat template in tokenizer_config.json; drop --chat")
     try:
-        import jinja2
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise UsageError("--chat needs the jinja2 package: pip install jinja2") from None
     mark = "\x00CONTEXT\x00"
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    # the template is text from the checkpoint folder: a sandbox, as in transformers, so it cannot run code
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(UsageError(f"chat template: {msg}"))
-    text = env.from_string(tokenizer.chat_template).render(
-        messages=[{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True,
-        bos_token=tokenizer.bos_token or "", eos_token="")
+    try:
+        text = env.from_string(tokenizer.chat_template).render(
+            messages=[{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "", eos_token="")
+    except TemplateError as e:
+        raise UsageError(f"--chat: the chat template in tokenizer_config.json failed ({e}); drop --chat") from None
+    if mark not in text:
+        raise UsageError("--chat: the chat template in tokenizer_config.json drops the user's message; drop --chat")
     if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token):]  # BOS is placed as an id, never as text
     prefix, _, rest = text.partition(mark)
@@ -106,36 +135,57 @@ def pick_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--dump {path}: cannot write there; give a file path in an existing, writable folder")
+    """Fail before the run, not after it, when the trace file cannot be written."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--dump {path}: cannot write there ({e.strerror}); give a file path in an existing, "
+                         "writable folder") from None
+    if not existed:
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Output
 
 class Progress:
-    """A bar over chunks on stderr (only when stderr is a terminal)."""
+    """Prefill progress over chunks on stderr: a bar on a terminal, else one line per 10% (for logs)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.t0 = enabled, time.perf_counter()
+    def __init__(self, tty: bool):
+        self.tty, self.t0, self.tenths = tty, time.perf_counter(), -1
 
     def __call__(self, done: int, total: int) -> None:
-        if self.enabled:
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
             bar = "#" * (30 * done // total)
-            sys.stderr.write(f"\rprefill [{bar:<30}] {done}/{total} chunks  {time.perf_counter() - self.t0:.1f}s")
+            sys.stderr.write(f"\rprefill [{bar:<30}] {done}/{total} chunks  {elapsed:.1f}s")
             sys.stderr.write("\n" if done == total else "")
-            sys.stderr.flush()
+        elif 10 * done // total > self.tenths:
+            self.tenths = 10 * done // total
+            sys.stderr.write(f"prefill {done}/{total} chunks  {elapsed:.1f}s\n")
+        sys.stderr.flush()
 
 
 class Stream:
-    """Writes each newly decoded piece of text to stdout as it is produced."""
+    """Writes each newly decoded piece of text to stdout as it is produced. A character split over several
+    byte tokens decodes as U+FFFD until its last byte arrives, so trailing U+FFFD wait for the next token;
+    `finish` writes whatever is left."""
 
     def __init__(self):
         self.shown = ""
 
     def __call__(self, text: str) -> None:
-        if text.startswith(self.shown):  # a multi-byte character may decode only when complete
+        self.write(text.rstrip("\ufffd"))
+
+    def finish(self, text: str) -> None:
+        self.write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def write(self, text: str) -> None:
+        if text.startswith(self.shown):
             sys.stdout.write(text[len(self.shown):])
             sys.stdout.flush()
             self.shown = text
@@ -165,42 +215,54 @@ def print_stats(stats: dict, device: torch.device) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if not args.max_prompt_mb > 0:
+        raise UsageError(f"--max-prompt-mb must be positive, got {args.max_prompt_mb}")
     if args.question is not None and args.question_file is not None:
         raise UsageError("give --question or --question-file, not both")
     if args.dump:
         check_writable(args.dump)
-    prompt = read_prompt(args.prompt_file)
-    question = read_prompt(args.question_file) if args.question_file else args.question
+    prompt = read_prompt(args.prompt_file, args.max_prompt_mb)
+    question = args.question
+    if args.question_file:
+        question = read_prompt(args.question_file, args.max_prompt_mb, "question file")
+    elif question is not None:
+        check_utf8(question, "--question")
     context, question = split_question(prompt, question)
     device, dtype = pick_device(args.device, args.dtype)
+    model_args = load_args(args.ckpt)  # config.json only: options are checked before any weights are read
+    cfg = ParallelCompConfig(
+        chunk_size=args.chunk_size, keep_chunks=args.keep_chunks, kv_capacity=args.kv_capacity, window=args.window,
+        calibration=parse_calibration(args.calibration, model_args.n_layers),
+        calibration_threshold=args.calibration_threshold, chunk_batch=args.chunk_batch)
+    cfg.validate(model_args)
     tokenizer = load_tokenizer(args.ckpt)
-    model = load_model(args.ckpt, device=device, dtype=dtype)
-    if tokenizer.vocab_size > model.args.vocab_size:
+    if tokenizer.vocab_size > model_args.vocab_size:
         raise CheckpointError(f"the tokenizer in {args.ckpt} has {tokenizer.vocab_size} tokens but the model only "
-                              f"{model.args.vocab_size}; the tokenizer files belong to another model")
+                              f"{model_args.vocab_size}; the tokenizer files belong to another model")
     prefix = ""
     if args.chat:
         prefix, question = chat_parts(tokenizer, question)
-    cfg = ParallelCompConfig(
-        chunk_size=args.chunk_size, keep_chunks=args.keep_chunks, kv_capacity=args.kv_capacity, window=args.window,
-        calibration=parse_calibration(args.calibration, model.args.n_layers),
-        calibration_threshold=args.calibration_threshold, chunk_batch=args.chunk_batch)
-    cfg.validate(model.args)
+    model = load_model(args.ckpt, device=device, dtype=dtype)
     torch.manual_seed(args.seed)
+    stream = Stream()
     result = generate(model, tokenizer, context, question, cfg, method=args.method,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, prefix=prefix, progress=Progress(sys.stderr.isatty()), on_text=Stream(),
+                      seed=args.seed, prefix=prefix, progress=Progress(sys.stderr.isatty()), on_text=stream,
                       trace=bool(args.dump))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    stream.finish(result.text)
     print_stats(result.stats, device)
     if args.dump:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in result.trace.items()}, args.dump)
+        try:  # clone: safetensors refuses tensors that share memory (kv_kept.* and calibration_kept.* may)
+            save_file({k: v.contiguous().clone() for k, v in result.trace.items()}, args.dump)
+        except OSError as e:
+            raise UsageError(f"--dump {args.dump}: writing failed ({e.strerror})") from None
         print(f"trace written to {args.dump}", file=sys.stderr)
     return 0
 
@@ -210,11 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if not argv:
+            if importlib.util.find_spec("demo.run") is None:
+                raise UsageError("the built-in demo is not in this copy (demo/run.py); "
+                                 "pass --ckpt and --prompt-file (see --help)")
             from demo.run import run_demo
             return run_demo()
         return run(build_parser().parse_args(argv))
     except (UsageError, CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return 2
     except torch.OutOfMemoryError:
         print("error: out of memory; lower --chunk-batch, set --kv-capacity, or use a smaller --max-new-tokens",
@@ -223,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,9 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
+    p.add_argument("--max-prompt-mb", type=float, default=64,
+                   help="refuse prompt files larger than this many MiB (default 64, about 16M tokens)")
     p.add_argument("--dump", help="write the stage-by-stage trace to this .safetensors file (README: trace format)")
     return p
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets '?', not a crash
     sys.exit(main())

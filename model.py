@@ -358,7 +358,8 @@ def weight_files(ckpt_dir: str) -> list[str]:
     if any(f.endswith((".bin", ".pth", ".pt")) for f in os.listdir(ckpt_dir)):
         raise CheckpointError(f"{ckpt_dir} has only pickled weights (.bin/.pth); this tool reads *.safetensors "
                               "only: download the safetensors files of this model")
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {ckpt_dir}")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {ckpt_dir}; download the "
+                          "model's *.safetensors files (and their index, if sharded) into it")
 
 
 def load_model(ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:

@@ -77,6 +77,7 @@ class ParallelCompConfig:
             if not 1 <= first <= last <= args.n_layers:
                 raise ConfigError(f"calibration layers {first}-{last} are outside the model's layers "
                                   f"1-{args.n_layers} (1-based, first <= last)")
+        self.rules_by_layer()  # overlapping rules fail here, not after the whole prefill
 
     def rules_by_layer(self) -> dict[int, str]:
         """0-based layer -> region. A layer named by two rules is an error: which region would win is unclear."""
