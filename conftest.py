@@ -4,8 +4,12 @@ import json
 import os
 import random
 
-import pytest
-import torch
+# idle OpenMP threads sleep instead of spinning (as generate.py does): on a shared machine, spinning made
+# chunk prefill many times slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 WORDS = ("the grass is green and the sky is blue while the sun is yellow here we go again and again "
          "café naïve jalapeño über straße 東京 数字 مرحبا 😀 pass key secret code door number is what").split()

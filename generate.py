@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
     print_stats(result.stats, device)
     if args.dump:
         from safetensors.torch import save_file
-        try:  # clone: safetensors refuses tensors that share memory (kv_kept.* and calibration_kept.* may)
-            save_file({k: v.contiguous().clone() for k, v in result.trace.items()}, args.dump)
+        try:
+            save_file(result.trace, args.dump)
         except OSError as e:
             raise UsageError(f"--dump {args.dump}: writing failed ({e.strerror})") from None
         print(f"trace written to {args.dump}", file=sys.stderr)

@@ -489,8 +489,7 @@ def run_parallelcomp(model: Transformer, header: torch.Tensor, context: torch.Te
     cache, m = assemble_cache(kept, len(header), cfg)
     q = torch.cat([header[:1], question]) if cfg.question_bos and len(header) else question
     logits = prefill_question(model, cache, q, m)
-    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache,
-            "kv_kept": [c.kept for c in kept]}
+    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache}
     return cache, logits, m + len(q), info
 
 
@@ -594,6 +593,6 @@ def make_trace(info: dict, n_header: int) -> dict[str, torch.Tensor]:
              "chunk_scores": info["scores"].float(),
              "kept_chunks": torch.tensor(info["kept"], dtype=torch.long)}
     for layer in range(len(cache.k)):
-        trace[f"kv_kept.{layer}"] = cache.kv_offsets[layer].cpu()
-        trace[f"calibration_kept.{layer}"] = cache.offset[layer].cpu()
+        trace[f"kv_kept.{layer}"] = cache.kv_offsets[layer].to("cpu", copy=True)  # own memory: safetensors
+        trace[f"calibration_kept.{layer}"] = cache.offset[layer].to("cpu", copy=True)  # refuses shared storage
     return trace
