@@ -340,8 +340,7 @@ class AssembledCache(KVCache):
                 pos.append(idx[:, s:])
                 clen.append(torch.full_like(idx[:, s:], n_header + c.end - c.start))
                 off.append(torch.where(idx[:, s:] < n_header, idx[:, s:] - n_header, idx[:, s:] - n_header + c.start))
-            self.k[layer] = torch.cat(ks, 1)[None]  # (1, Hkv, S, hd)
-            self.v[layer] = torch.cat(vs, 1)[None]
+            self.replace(layer, torch.cat(ks, 1)[None], torch.cat(vs, 1)[None])  # (1, Hkv, S, hd)
             self.pos.append(torch.cat(pos, 1))  # (Hkv, S)
             self.chunk_len.append(torch.cat(clen, 1))
             self.offset.append(torch.cat(off, 1))
@@ -350,11 +349,11 @@ class AssembledCache(KVCache):
     def update(self, layer, q, k, v):
         region = self.rules.get(layer) if self.calibrating else None
         if region is not None:
-            scores = calibration_scores(q, self.k[layer], k, self.cfg.calibration_rows)  # (Hkv, S)
+            scores = calibration_scores(q, self.keys(layer), k, self.cfg.calibration_rows)  # (Hkv, S)
             in_region = region_mask(region, self.pos[layer], self.chunk_len[layer], self.cfg.region_size)
             keep = bias_token_keep(scores, in_region, self.cfg.calibration_threshold)  # (Hkv, S')
             gather = keep[None, :, :, None].expand(1, -1, -1, k.shape[-1])
-            self.k[layer], self.v[layer] = self.k[layer].gather(2, gather), self.v[layer].gather(2, gather)
+            self.replace(layer, self.keys(layer).gather(2, gather), self.values(layer).gather(2, gather))
             self.pos[layer], self.offset[layer] = self.pos[layer].gather(1, keep), self.offset[layer].gather(1, keep)
             self.chunk_len[layer] = self.chunk_len[layer].gather(1, keep)
         return super().update(layer, q, k, v)
@@ -558,7 +557,7 @@ def generate(model: Transformer, tokenizer, context: str, question: str, config:
     if device.type == "cuda":
         torch.cuda.synchronize()
     stats["prefill_s"] = time.perf_counter() - t0
-    stats["cache_bytes"] = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    stats["cache_bytes"] = sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
 
     t1 = time.perf_counter()
     on_token = (lambda out: on_text(tokenizer.decode(out))) if on_text is not None else None

@@ -205,7 +205,7 @@ def measure(model: Transformer, spec: dict, method: str, n_tokens: int, logits_p
     sync(device)
     prefill_s = time.perf_counter() - t0
     cache_tokens = cache.length  # tokens per KV head after prefill (ParallelComp: kept chunks, evicted)
-    cache_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    cache_bytes = sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
     t1 = time.perf_counter()
     decode(model, cache, logits, next_pos, spec["decode_tokens"] + 1, stop_ids=set())  # first token: no forward
     sync(device)

@@ -283,16 +283,16 @@ def test_right_padded_batch_equals_each_sequence_alone(ckpts):
 # ----------------------------------------------------------------------------------------------------
 # Incremental decoding with KVCache
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_qkv_bias"])
-def test_incremental_decoding_reproduces_full_forward(ckpts, name):
+@pytest.mark.parametrize("name,grow", [("llama_gqa", 256), ("qwen2_qkv_bias", 256), ("llama_gqa", 2)])
+def test_incremental_decoding_reproduces_full_forward(ckpts, name, grow):
     """Prefill, then one token at a time, then a few at a time (queries fewer than keys: the bottom-right
-    causal mask path) reproduce one full forward within 1e-5."""
+    causal mask path) reproduce one full forward within 1e-5; grow=2 makes the cache reallocate often."""
     model = M.load_model(ckpts(name))
     t = 60
     tokens, positions = rand_tokens(2, t, seed=7), 1000 + torch.arange(t).repeat(2, 1)
     with torch.no_grad():
         full = model(tokens, positions)
-        cache, start = M.KVCache(model.args.n_layers), 0
+        cache, start = M.KVCache(model.args.n_layers, grow=grow), 0
         for step in [25, 1, 1, 1, 3, 5, 1, 2, 4, 17]:
             end = start + step
             part = model(tokens[:, start:end], positions[:, start:end], cache=cache)
@@ -300,7 +300,7 @@ def test_incremental_decoding_reproduces_full_forward(ckpts, name):
             assert cache.length == end
             start = end
     assert start == t
-    assert cache.k[0].shape == (2, model.args.n_kv_heads, t, model.args.head_dim)  # kept at n_kv_heads
+    assert cache.keys(0).shape == (2, model.args.n_kv_heads, t, model.args.head_dim)  # kept at n_kv_heads
 
 
 # ----------------------------------------------------------------------------------------------------
