@@ -39,6 +39,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -215,7 +216,7 @@ def measure(model: Transformer, spec: dict, method: str, n_tokens: int, logits_p
     # machine one probe can land in a busy moment; the higher is the fairer ceiling
     flops = prefill_flops(args, method, n_tokens, info["bounds"], cache_tokens - len(question))
     if logits_path:
-        torch.save(logits.float().cpu(), logits_path)
+        save_file({"logits": logits.float().cpu().contiguous()}, logits_path)
     return {"tokens": n_tokens, "method": method, "measured": True, "prefill_s": prefill_s,
             "decode_ms_per_token": 1000 * decode_s / spec["decode_tokens"], "peak_mib": peak / 2**20,
             "baseline_mib": baseline / 2**20, "cache_mib": cache_bytes / 2**20, "cache_tokens": cache_tokens,
@@ -281,7 +282,7 @@ def sweep(spec: dict, lengths: list[int], full_max: int | None, isolate: bool, o
                     rows.append({"tokens": n, "method": method, "measured": False,
                                  "note": f"skipped: above --full-max {full_max}"})
                     continue
-                path = os.path.join(tmp, f"{n}-{len(rows)}.pt")
+                path = os.path.join(tmp, f"{n}-{len(rows)}.safetensors")
                 t0 = time.perf_counter()
                 try:
                     row = (run_isolated({**spec, "method": method, "tokens": n, "logits_path": path}) if isolate
@@ -289,7 +290,7 @@ def sweep(spec: dict, lengths: list[int], full_max: int | None, isolate: bool, o
                 except torch.OutOfMemoryError:
                     row = {"tokens": n, "method": method, "measured": False, "note": "failed: out of memory"}
                 if row["measured"]:
-                    outputs[method] = torch.load(path)
+                    outputs[method] = load_file(path)["logits"]
                 elif spec["device"] == "cuda":
                     torch.cuda.empty_cache()  # outside the except block: the traceback no longer pins tensors
                 rows.append(row)
