@@ -221,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.full_max_tokens is not None and args.full_max_tokens < 1:
+        raise UsageError(f"--full-max-tokens must be at least 1, got {args.full_max_tokens}")
     if not args.max_prompt_mb > 0:
         raise UsageError(f"--max-prompt-mb must be positive, got {args.max_prompt_mb}")
     if args.question is not None and args.question_file is not None:
@@ -252,9 +254,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     stream = Stream()
     result = generate(model, tokenizer, context, question, cfg, method=args.method,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, prefix=prefix, progress=Progress(sys.stderr.isatty()), on_text=stream,
-                      trace=bool(args.dump))
+                      full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, prefix=prefix,
+                      progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
     stream.finish(result.text)
     print_stats(result.stats, device)
     if args.dump:
@@ -307,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-file", help="read the question from this file instead")
     p.add_argument("--method", choices=["parallelcomp", "full"], default="parallelcomp",
                    help="parallelcomp (default) or full: ordinary attention over the whole input, the baseline")
+    p.add_argument("--full-max-tokens", type=int,
+                   help="with --method full: middle-truncate the input to this many tokens (the paper's FullKV)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")

@@ -18,6 +18,7 @@ authors' released code and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -519,19 +520,18 @@ def generate(model: Transformer, tokenizer, context: str, question: str, config:
     progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token."""
     cfg = config or ParallelCompConfig()
     args, device = model.args, next(model.parameters()).device
-    ids = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)  # noqa: E731
+    ids = lambda tokens: torch.tensor(tokens, dtype=torch.long, device=device)  # noqa: E731
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    header = torch.cat([torch.tensor(bos, dtype=torch.long, device=device), ids(prefix)]) if prefix else \
-        torch.tensor(bos, dtype=torch.long, device=device)
-    context_ids, question_ids = ids(context), ids(question)
+    header = ids(bos + tokenizer.encode(prefix))  # [BOS] + chat prefix
+    context_ids, question_ids = ids(tokenizer.encode(context)), ids(tokenizer.encode(question))
     if len(question_ids) == 0:
         raise ConfigError("the question is empty; pass a question")
     if len(header) + len(question_ids) > args.trained_window:
         raise ConfigError(f"the question is {len(question_ids)} tokens, longer than the model's trained window "
                           f"({args.trained_window}); shorten it")
     if cfg.chunk_size is None:
-        cfg = ParallelCompConfig(**{**cfg.__dict__, "chunk_size": default_chunk_size(
-            args, len(header), len(question_ids), max_new_tokens)})
+        cfg = dataclasses.replace(cfg, chunk_size=default_chunk_size(args, len(header), len(question_ids),
+                                                                       max_new_tokens))
     cfg.validate(args)
     if len(context_ids) == 0:
         raise ConfigError("the context is empty; give the text to answer the question about")
