@@ -142,9 +142,12 @@ def make_example(rng: random.Random, tokenizer, n_tokens: int, depth: float | No
             break
         cut = round(depth * len(new))
         before, after = before + new[:cut], after + new[cut:]
-    # trim: drop filler sentences (from the end, or from the start once the needle is last) until it fits
-    while len(tokenizer.encode(context())) + fixed > n_tokens:
-        if not before and not after:
-            raise ValueError(f"n_tokens={n_tokens} is too small for a passkey example")
-        (after or before).pop(-1 if after else 0)
+    # trim: drop filler sentences (from the end, or from the start once the needle is last) until it fits:
+    # about the excess at once, by their lengths encoded one by one, then one exact count per round (one
+    # sentence and one full encode at a time took minutes at 1M tokens)
+    while (excess := len(tokenizer.encode(context())) + fixed - n_tokens) > 0:
+        while excess > 0:
+            if not before and not after:
+                raise ValueError(f"n_tokens={n_tokens} is too small for a passkey example")
+            excess -= len(tokenizer.encode((after or before).pop(-1 if after else 0)))
     return context(), question, answer
