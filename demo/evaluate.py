@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 from demo.passkey import make_example  # noqa: E402
 from model import load_model  # noqa: E402
-from parallelcomp import ParallelCompConfig, generate  # noqa: E402
+from parallelcomp import ParallelCompConfig, generate, parse_calibration  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # the answer is a space marker, 5 digits, then EOS
@@ -64,13 +64,15 @@ def evaluate_length(model, tok, n_tokens: int, n: int, n_full: int, cfg: Paralle
 
 
 def main(model_dir: str, multiples: list[int], n: int, full_limit: int, full_n_long: int, keep_chunks: int,
-         seed: int, threads: int) -> list[dict]:
+         seed: int, threads: int, kv_capacity: int | None = None, calibration: str = "none") -> list[dict]:
     torch.set_num_threads(threads)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     window = model.args.trained_window
-    cfg = ParallelCompConfig(keep_chunks=keep_chunks)
+    cfg = ParallelCompConfig(keep_chunks=keep_chunks, kv_capacity=kv_capacity,
+                             calibration=parse_calibration(calibration, model.args.n_layers))
     print(f"model {model_dir}: training window {window} tokens; {n} examples per length, needle depths evenly "
-          f"spread 0..1; ParallelComp keep_chunks={keep_chunks}, default chunk size; greedy, "
+          f"spread 0..1; ParallelComp keep_chunks={keep_chunks}, kv_capacity={kv_capacity}, "
+          f"calibration={calibration}, default chunk size; greedy, "
           f"{MAX_NEW_TOKENS} new tokens at most\n", flush=True)
     lines = ["| length | ParallelComp | needle chunk kept | full attention | s/example (PC) | s/example (full) |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -104,8 +106,10 @@ if __name__ == "__main__":
     p.add_argument("--full-n-long", type=int, default=2,
                    help="examples per length for full attention above --full-limit (0 skips it)")
     p.add_argument("--keep-chunks", type=int, default=1, help="chunks ParallelComp keeps (k)")
+    p.add_argument("--kv-capacity", type=int, help="context tokens ParallelComp keeps per chunk (default: all)")
+    p.add_argument("--calibration", default="none", help="none, paper, or rules like middle:1-1,sink:4-4")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     a = p.parse_args()
     main(a.model, [int(x) for x in a.lengths.split(",")], a.n, a.full_limit, a.full_n_long, a.keep_chunks, a.seed,
-         a.threads)
+         a.threads, a.kv_capacity, a.calibration)
