@@ -265,8 +265,8 @@ class ChunkCache(KVCache):
         super().__init__(0)
         self.cfg, self.n_header, self.n_context, self.lengths = cfg, n_header, n_context, lengths
         self.kept: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S)
-        self.keys: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S, hd)
-        self.values: list[list[torch.Tensor]] = [[] for _ in n_context]
+        self.kept_k: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S, hd)
+        self.kept_v: list[list[torch.Tensor]] = [[] for _ in n_context]
 
     def update(self, layer, q, k, v):
         scores = None
@@ -279,8 +279,8 @@ class ChunkCache(KVCache):
                 idx = snapkv_keep(scores[b], self.n_header, n_ctx, self.cfg.kv_capacity, self.cfg.pool_kernel)
             gather = idx[:, :, None].expand(-1, -1, k.shape[-1])  # (Hkv, S, hd): fresh tensors, the batch's
             self.kept[b].append(idx)                               # full K/V is freed after this layer
-            self.keys[b].append(k[b].gather(1, gather))
-            self.values[b].append(v[b].gather(1, gather))
+            self.kept_k[b].append(k[b].gather(1, gather))
+            self.kept_v[b].append(v[b].gather(1, gather))
         return k, v
 
 
@@ -307,7 +307,7 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
         batch_scores = question_nll(logits, question)
         for b, (start, end) in enumerate(batch):
             scores[first + b] = batch_scores[b]
-            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), cache.keys[b], cache.values[b],
+            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), cache.kept_k[b], cache.kept_v[b],
                                     cache.kept[b]))
         del cache, logits
         if progress is not None:
