@@ -253,10 +253,16 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, device=device, dtype=dtype)
     torch.manual_seed(args.seed)
     stream = Stream()
-    result = generate(model, tokenizer, context, question, cfg, method=args.method,
-                      full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, prefix=prefix,
-                      progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
+    try:
+        result = generate(model, tokenizer, context, question, cfg, method=args.method,
+                          full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, prefix=prefix,
+                          progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
+    except ConfigError as e:
+        if args.question is None and args.question_file is None and "question" in str(e):
+            raise ConfigError(f"{e} (no --question was given, so the prompt file's last paragraph is the "
+                              "question)") from None
+        raise
     stream.finish(result.text)
     print_stats(result.stats, device)
     if args.dump:
