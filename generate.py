@@ -27,9 +27,6 @@ from model import CheckpointError, load_args, load_model
 from parallelcomp import ConfigError, ParallelCompConfig, generate, parse_calibration
 from tokenizer import load_tokenizer
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
-
-
 class UsageError(ValueError):
     """Bad input from the command line or a file; the message says what to do."""
 

@@ -60,10 +60,10 @@ class ParallelCompConfig:
             if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 return
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        positive("chunk_size", allow_none=True)
+        for name in ("chunk_size", "kv_capacity"):
+            positive(name, allow_none=True)
         for name in ("keep_chunks", "window", "pool_kernel", "calibration_rows", "region_size", "chunk_batch"):
             positive(name)
-        positive("kv_capacity", allow_none=True)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"pool_kernel must be odd (same padding), got {self.pool_kernel}")
         if self.kv_capacity is not None and self.chunk_size is not None and self.kv_capacity > self.chunk_size:
@@ -301,7 +301,7 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
         for b, (start, end) in enumerate(batch):
             tokens[b, :lengths[b]] = torch.cat([header, context[start:end], question])
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # reused in every chunk
-        rows = (torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device))  # (B, Q)
+        rows = torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device)  # (B, Q)
         cache = ChunkCache(cfg, n_h, n_ctx, lengths)
         logits = model(tokens, positions, cache, logits_at=rows)  # (B, Q, vocab)
         batch_scores = question_nll(logits, question)
