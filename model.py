@@ -155,21 +155,31 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return j <= i + (t_k - t_q)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Scaled dot-product attention with GQA and bottom-right causal alignment.
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """flash-attn's kernel, in our layout. flash_attn_func takes [B, T, H, hd], aligns causal=True bottom-right
+    and handles GQA itself (query head h reads KV head h // (H / Hkv)). Returns [B, H, Tq, hd]."""
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, Tq, H, hd)
+    return out.transpose(1, 2)
+
+
+def use_flash(q: torch.Tensor) -> bool:
+    """flash-attn runs on CUDA in half precision only; SDPA is the exact fallback everywhere else."""
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled dot-product attention with GQA and bottom-right causal alignment.
 
     q: [B, H, Tq, hd]; k, v: [B, Hkv, Tk, hd] with Tk >= Tq (the queries are the last Tq positions).
     Several independent chunks go in one call as the batch dimension B; right-padded chunks are exact
     for their real tokens, since a real query never sees a later (padding) key under the causal mask.
     Returns [B, H, Tq, hd].
     """
+    if use_flash(q):
+        return flash_attention(q, k, v)
     t_q, t_k = q.shape[2], k.shape[2]
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn's causal=True is bottom-right aligned and handles GQA natively
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
-        return out.transpose(1, 2)  # (B, T, H, hd) -> (B, H, T, hd)
     gqa = q.shape[1] != k.shape[1]
-    if not causal or t_q == 1:
+    if t_q == 1:  # one query (a decode step) sees every key
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -171,11 +171,9 @@ def test_causal_mask_is_bottom_right_aligned():
 @pytest.mark.parametrize("t_q, t_k", [(9, 9), (4, 11), (1, 11), (1, 1)],
                          ids=["square", "fewer_queries", "one_query", "one_token"])
 @pytest.mark.parametrize("h, h_kv", [(4, 4), (6, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_attention_paths_match_reference(t_q, t_k, h, h_kv, causal):
+def test_attention_paths_match_reference(t_q, t_k, h, h_kv):
     q, k, v = qkv(2, h, h_kv, t_q, t_k, seed=t_q * 100 + t_k + h_kv)
-    torch.testing.assert_close(M.attention(q, k, v, causal=causal), reference_attention(q, k, v, causal),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(M.attention(q, k, v), reference_attention(q, k, v), rtol=0, atol=1e-5)
 
 
 def test_attention_batch_of_right_padded_chunks_equals_each_chunk_alone():
@@ -194,11 +192,10 @@ def test_attention_batch_of_right_padded_chunks_equals_each_chunk_alone():
                     reason="the flash-attn path needs CUDA and the flash_attn package")
 @pytest.mark.parametrize("t_q, t_k, h, h_kv", [(64, 64, 8, 2), (5, 64, 8, 2), (1, 64, 8, 8), (64, 64, 4, 4)])
 def test_flash_attention_path_matches_reference(t_q, t_k, h, h_kv):
-    for causal in (True, False):
-        q, k, v = qkv(2, h, h_kv, t_q, t_k, d=64, dtype=torch.float16, device="cuda")
-        got = M.attention(q, k, v, causal=causal).float().cpu()
-        want = reference_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), causal)
-        torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+    q, k, v = qkv(2, h, h_kv, t_q, t_k, d=64, dtype=torch.float16, device="cuda")
+    got = M.attention(q, k, v).float().cpu()
+    want = reference_attention(q.float().cpu(), k.float().cpu(), v.float().cpu())
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
 
 
 # ----------------------------------------------------------------------------------------------------
