@@ -730,7 +730,12 @@ def run_sweep(a: argparse.Namespace, spec: dict, lengths: list[int], isolate: bo
     md = markdown(rows, spec, lengths, title, machine)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(md)
-    files = [] if a.no_plots or not any(r["measured"] for r in rows) else plots(rows, spec, a.out, title)
+    files = []
+    if not a.no_plots and any(r["measured"] for r in rows):
+        try:
+            files = plots(rows, spec, a.out, title)
+        except ImportError:
+            log("plots skipped: matplotlib is not installed (pip install -r bench/requirements.txt)")
     log(md)
     log(f"load average at the end {os.getloadavg()[0]:.1f}")
     log(f"wrote {', '.join(['results.csv', 'results.md', 'log.txt'] + files)} to {a.out} "
