@@ -242,8 +242,9 @@ def attention_backends(args: ModelArgs, device: torch.device, dtype: torch.dtype
 def machine_lines(args: ModelArgs, device: torch.device, dtype: torch.dtype, names: list[str]) -> list[str]:
     """torch, CUDA, cuDNN versions and the attention backend of each kind of call, for the log."""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    lines = [f"torch {torch.__version__}; CUDA {torch.version.cuda}; cuDNN {cudnn}; flash_attn package "
-             f"{'installed' if use_flash(torch.empty(1, device=device, dtype=torch.bfloat16)) else 'not used'}",
+    flash = use_flash(torch.empty(1, device=device, dtype=dtype))
+    lines = [f"torch {torch.__version__}; CUDA {torch.version.cuda}; cuDNN {cudnn}; flash-attn "
+             f"{'used by model.attention' if flash else 'not used (not installed, or not CUDA in half precision)'}",
              f"SDPA backends allowed, in priority order: {', '.join(names)}"
              + ("" if "cudnn" in names else " (cuDNN left out: it builds a graph per new key length)")]
     for label, backend in attention_backends(args, device, dtype, names).items():
