@@ -224,25 +224,36 @@ class TaskMaker:
         question = "\n" + instruction.strip() + " " + question.strip()
         budget = length - self.ntok(question) - sum(self.ntok(s) for _, s in needles)
         start = rng.randrange(len(hay.units)) if kind == "kjv" else 0
-        context, offsets = hay.build(max(budget, 1), needles, start)
-        return {"dataset": task, "context": context, "input": question, "answers": answers,
-                "length": self.ntok(context) + self.ntok(question), "depth": depth, "needles": offsets,
-                "all_classes": None}
+        for _ in range(3):  # the joined text can take a few more tokens than its lines apart: measure, shrink
+            context, offsets = hay.build(max(budget, 1), needles, start)
+            total = self.ntok(context) + self.ntok(question)
+            if total <= length:
+                break
+            budget -= total - length
+        return {"dataset": task, "context": context, "input": question, "answers": answers, "length": total,
+                "depth": depth, "needles": offsets, "all_classes": None}
 
     def _kv(self, rng, length, depth):
         instruction = "JSON data:\n"
-        pair_tokens = self.ntok(f'"{_uuid(rng)}": "{_uuid(rng)}", ')
-        n_pairs = max(2, (length - self.ntok(instruction) - 60) // pair_tokens)
-        pairs = [(_uuid(rng), _uuid(rng)) for _ in range(n_pairs)]
-        target = min(n_pairs - 1, round(depth * (n_pairs - 1)))
-        body = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
-        offset = len(instruction) + 1 + sum(len(f"{json.dumps(k)}: {json.dumps(v)}, ") for k, v in pairs[:target])
-        question = (f"\nExtract the value corresponding to the specified key in the JSON object above. "
-                    f"Key: \"{pairs[target][0]}\" The value associated with the specified key is:")
-        context = instruction + body
+        pair = lambda k, v: f"{json.dumps(k)}: {json.dumps(v)}"  # noqa: E731
+        pool = [(_uuid(rng), _uuid(rng)) for _ in range(16)]
+        pair_tokens = self.ntok(", ".join(pair(k, v) for k, v in pool)) / 16  # UUIDs tokenize unevenly
+        total, n_pairs = 0, max(2, int(length / pair_tokens))
+        for step in range(8):  # size, measure, resize; then drop pairs until the total is within the target
+            if step >= 2 and total <= length:
+                break
+            while len(pool) < n_pairs:
+                pool.append((_uuid(rng), _uuid(rng)))
+            pairs = pool[:n_pairs]
+            target = min(n_pairs - 1, round(depth * (n_pairs - 1)))
+            context = instruction + "{" + ", ".join(pair(k, v) for k, v in pairs) + "}"
+            question = (f"\nExtract the value corresponding to the specified key in the JSON object above. "
+                        f"Key: \"{pairs[target][0]}\" The value associated with the specified key is:")
+            total = self.ntok(context) + self.ntok(question)
+            n_pairs = max(2, n_pairs + int((length - total) / pair_tokens) if step < 1 else n_pairs - 1)
+        offset = len(instruction) + 1 + sum(len(pair(k, v) + ", ") for k, v in pairs[:target])
         return {"dataset": "kv_retrieval", "context": context, "input": question, "answers": [pairs[target][1]],
-                "length": self.ntok(context) + self.ntok(question), "depth": depth, "needles": [offset],
-                "all_classes": None}
+                "length": total, "depth": depth, "needles": [offset], "all_classes": None}
 
 
 def write_jsonl(path: str, examples: list[dict]) -> None:

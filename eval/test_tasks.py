@@ -1,0 +1,100 @@
+"""Generated tasks: length in the model's own tokens, needles where they should be, answers recoverable from
+the text, determinism by seed (the demo model's SentencePiece tokenizer; no model run)."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from eval import synthetic
+from eval.metrics import score_example
+from eval.tasks import TASKS, TaskError, TaskMaker
+from tokenizer import load_tokenizer
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "model")
+NOISE_TASKS = [t for t in TASKS if t != "kjv_niah"]
+
+
+@pytest.fixture(scope="module")
+def maker():
+    return TaskMaker(load_tokenizer(DEMO), seed=0)
+
+
+@pytest.mark.parametrize("task", NOISE_TASKS)
+def test_length_answers_and_needle(maker, task):
+    n = 3
+    ntok = maker.ntok
+    for length in (1024, 4096):
+        for i in range(n):
+            ex = maker.make(task, length, i, n)
+            # filled to the budget a filler line (a noise line is 30-45 tokens here; a UUID pair about 80) at a time
+            assert length - (100 if task == "kv_retrieval" else 64) <= ex["length"] <= length + 16, (task, ex["length"])
+            assert ex["length"] == len(maker.tok.encode(ex["context"])) + len(maker.tok.encode(ex["input"]))
+            for a in ex["answers"]:
+                assert a in ex["context"], (task, a)
+            assert ex["depth"] == i / (n - 1)
+            # the first needle offset points at the sentence asked about, at about its depth
+            at = ex["needles"][0]
+            head = ex["context"][at:at + 200]
+            assert any(a in head for a in ex["answers"]) or task == "vt" and ex["answers"][0] in head
+            if task != "vt":  # (the chain's first line sits at the depth too, its hops spread after it)
+                before, total = ntok(ex["context"][:at]), ntok(ex["context"])
+                # one filler line (one key/value pair), plus the other needles placed before it
+                slack = 100 if task == "kv_retrieval" else 64 + 40 * (len(ex["needles"]) - 1)
+                assert abs(before - ex["depth"] * total) <= slack, (task, before, total, ex["depth"])
+            # the reference answer scores 1, a wrong one 0
+            assert score_example(task, " " + ", ".join(ex["answers"]), ex["answers"], benchmark="synthetic") == 1.0
+            assert score_example(task, " 0", ex["answers"], benchmark="synthetic") == 0.0
+
+
+def test_multikey_has_distractors_and_multiquery_asks_all(maker):
+    ex = maker.make("niah_multikey", 2048, 0, 1)
+    keys = re.findall(r"special magic numbers for ([a-z]+-[a-z]+) is", ex["context"])
+    assert len(set(keys)) == 4 and ex["input"].count(keys[0]) + sum(ex["input"].count(k) for k in keys[1:]) == 2
+    ex = maker.make("niah_multiquery", 2048, 0, 1)
+    assert len(ex["answers"]) == 4 and all(
+        re.search(rf"for [a-z]+-[a-z]+ is: {a}\.", ex["context"]) for a in ex["answers"])
+
+
+def test_vt_chain_is_in_order(maker):
+    ex = maker.make("vt", 2048, 0, 1)
+    names = ex["answers"]
+    value = re.search(r"VAR " + names[0] + r" = (\d+)\.", ex["context"]).group(1)
+    assert value in ex["input"]
+    pos = [ex["context"].index(f"VAR {n} =") for n in names]
+    assert pos == sorted(pos)
+    for a, b in zip(names, names[1:]):
+        assert f"VAR {b} = VAR {a}." in ex["context"]
+
+
+def test_same_seed_same_examples_other_seed_other_examples():
+    tok = load_tokenizer(DEMO)
+    a, b, c = (TaskMaker(tok, seed=s).make("passkey", 1024, 1, 3) for s in (0, 0, 1))
+    assert a == b and a["answers"] != c["answers"]
+
+
+def test_kjv_needle_sits_in_bible_text(maker):
+    if shutil.which("bible") is None:
+        pytest.skip("bible-kjv is not installed (make eval-deps installs it)")
+    ex = maker.make("kjv_niah", 2048, 1, 3)
+    assert " the " in ex["context"] and ex["answers"][0] in ex["context"] and "grass is green" not in ex["context"]
+
+
+def test_unknown_task_and_tiny_length_are_refused(maker):
+    with pytest.raises(TaskError, match="unknown task"):
+        maker.make("nope", 1024)
+    with pytest.raises(TaskError, match="at least 256"):
+        maker.make("passkey", 100)
+
+
+def test_write_mode_emits_longbench_schema_files(tmp_path, capsys):
+    out = tmp_path / "tasks"
+    assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--tasks", "passkey,vt", "--lengths", "1k",
+                           "--n", "2"]) == 0
+    rows = [json.loads(line) for line in open(out / "passkey_1024.jsonl")]
+    assert len(rows) == 2 and {"context", "input", "answers", "dataset", "length"} <= set(rows[0])
+    assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--tasks", "passkey,nope"]) == 1
+    assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--lengths", "4x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown task(s) nope" in err[0] and "4x" in err[1]
