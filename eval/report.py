@@ -1,0 +1,92 @@
+"""Markdown tables from eval.synthetic result files.
+
+    python -m eval.report eval/runs/results.jsonl [--settings pc2k,full]
+
+One row per (task, setting), one column per length: mean score (examples), then seconds per example. Below
+it, where ParallelComp missed: how many misses had the needle's chunk dropped (a ranking error) and how many
+kept it and still answered wrong (a reading error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def table(rows: list[dict], settings: list[str] | None = None) -> str:
+    cells = defaultdict(list)
+    for r in rows:
+        if settings is None or r["setting"] in settings:
+            cells[(r["task"], r["setting"], r["target_length"])].append(r)
+    if not cells:
+        return "(no results)"
+    lengths = sorted({k[2] for k in cells})
+    order = settings or sorted({k[1] for k in cells})
+    keys = sorted({(k[0], k[1]) for k in cells}, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+    head = "| task | setting | " + " | ".join(fmt_len(n) for n in lengths) + " |"
+    out = [head, "|---|---|" + "---:|" * len(lengths)]
+    for task, setting in keys:
+        row = []
+        for n in lengths:
+            rs = cells.get((task, setting, n))
+            if not rs:
+                row.append("")
+                continue
+            acc = 100 * sum(r["score"] for r in rs) / len(rs)
+            secs = sum(r["seconds"] for r in rs) / len(rs)
+            row.append(f"{acc:.0f}% ({len(rs)}) {secs:.0f} s")
+        out.append(f"| {task} | {setting} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def misses(rows: list[dict]) -> str:
+    """ParallelComp's wrong answers split into ranking errors (needle chunk dropped) and reading errors."""
+    count = defaultdict(lambda: [0, 0, 0])  # setting -> [examples, ranking errors, reading errors]
+    for r in rows:
+        if r.get("method") != "parallelcomp" or "needle_kept" not in r:
+            continue
+        c = count[r["setting"]]
+        c[0] += 1
+        if r["score"] < 1:
+            c[1 if not r["needle_kept"] else 2] += 1
+    lines = ["| setting | examples | wrong, needle chunk dropped (ranking) | wrong, needle chunk kept (reading) |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {s} | {c[0]} | {c[1]} | {c[2]} |" for s, c in sorted(count.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Markdown tables from eval.synthetic results.")
+    p.add_argument("results", nargs="+", help="results JSONL files")
+    p.add_argument("--settings", help="comma-separated settings to show, in this order (default: all)")
+    args = p.parse_args(argv)
+    try:
+        rows = load(args.results)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    settings = args.settings.split(",") if args.settings else None
+    print(table(rows, settings))
+    print()
+    print(misses([r for r in rows if settings is None or r["setting"] in settings]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
