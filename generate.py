@@ -24,7 +24,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from model import CheckpointError, load_args, load_model
-from parallelcomp import ConfigError, ParallelCompConfig, generate, parse_calibration
+from parallelcomp import ConfigError, ParallelCompConfig, answer, parse_calibration
 from tokenizer import load_tokenizer
 
 class UsageError(ValueError):
@@ -87,34 +87,6 @@ def split_question(prompt: str, question: str | None) -> tuple[str, str]:
         raise UsageError("no question given and the prompt has no final paragraph to use as one: "
                          "pass --question or end the prompt file with a blank line and the question")
     return body[:cut + 2], body[cut + 2:]
-
-
-def chat_parts(tokenizer, question: str) -> tuple[str, str]:
-    """The model's chat template split around the context: (prefix before the context, question part after it).
-    Every chunk input becomes [BOS] + prefix + chunk + question part, which ends with the assistant header."""
-    if not tokenizer.chat_template or not isinstance(tokenizer.chat_template, str):
-        raise UsageError("--chat: this checkpoint has no chat template in tokenizer_config.json; drop --chat")
-    try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise UsageError("--chat needs the jinja2 package: pip install jinja2") from None
-    mark = "\x00CONTEXT\x00"
-    # the template is text from the checkpoint folder: a sandbox, as in transformers, so it cannot run code
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(UsageError(f"chat template: {msg}"))
-    try:
-        text = env.from_string(tokenizer.chat_template).render(
-            messages=[{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True,
-            bos_token=tokenizer.bos_token or "", eos_token="")
-    except TemplateError as e:
-        raise UsageError(f"--chat: the chat template in tokenizer_config.json failed ({e}); drop --chat") from None
-    if mark not in text:
-        raise UsageError("--chat: the chat template in tokenizer_config.json drops the user's message; drop --chat")
-    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-        text = text[len(tokenizer.bos_token):]  # BOS is placed as an id, never as text
-    prefix, _, rest = text.partition(mark)
-    return prefix, rest
 
 
 def pick_device(name: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -244,19 +216,17 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > model_args.vocab_size:
         raise CheckpointError(f"the tokenizer in {args.ckpt} has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_args.vocab_size}; the tokenizer files belong to another model")
-    prefix = ""
     if args.chat:
-        prefix, question = chat_parts(tokenizer, question)
+        tokenizer.chat_parts("?")  # a missing or broken chat template fails here, before the weights load
     model = load_model(args.ckpt, device=device, dtype=dtype)
-    torch.manual_seed(args.seed)
     stream = Stream()
     try:
-        result = generate(model, tokenizer, context, question, cfg, method=args.method,
-                          full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, prefix=prefix,
-                          progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
+        result = answer(model, tokenizer, context, question, cfg, method=args.method, chat=args.chat,
+                        full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                        progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
     except ConfigError as e:
-        if args.question is None and args.question_file is None and "question" in str(e):
+        if e.about == "question" and args.question is None and args.question_file is None:
             raise ConfigError(f"{e} (no --question was given, so the prompt file's last paragraph is the "
                               "question)") from None
         raise

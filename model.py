@@ -18,6 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -77,14 +78,16 @@ class ModelArgs:
         if mtype not in SUPPORTED:
             raise CheckpointError(f"model_type {mtype!r} is not supported; this tool runs "
                                   f"{', '.join(SUPPORTED)} checkpoints ({', '.join(SUPPORTED.values())})")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
+        rope = dict(rope)
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # old configs spell it "type"
+        if rope_type not in ("default", "llama3", "linear"):
+            raise CheckpointError(f"RoPE type {rope_type!r} is not supported (supported: default, llama3, linear)")
         try:
             dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # old configs spell it "type"
-            if rope_type not in ("default", "llama3", "linear"):
-                raise CheckpointError(f"RoPE type {rope_type!r} is not supported "
-                                      "(supported: default, llama3, linear)")
             bias = bool(cfg.get("attention_bias", False))
             # Mistral always slides; Qwen2 carries a sliding_window it only uses with use_sliding_window
             sliding = cfg.get("sliding_window") if mtype == "mistral" or cfg.get("use_sliding_window") else None
@@ -100,8 +103,6 @@ class ModelArgs:
                 qkv_bias=bias or mtype == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
                 model_type=mtype, sliding_window=int(sliding) if sliding else None)
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
             raise CheckpointError(f"a required field is missing or malformed ({e!r})") from None
 
 
@@ -187,11 +188,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), enable_gqa=gqa)
 
 
-class KVCache:
-    """Plain per-layer KV cache at n_kv_heads: appends and returns everything cached so far.
+class CacheHook(Protocol):
+    """What a forward pass calls in every layer, before attention: `update(layer, q, k, v)` receives the layer's
+    rotated queries [B, H, T, hd] and new keys/values [B, Hkv, T, hd] and returns the keys and values the queries
+    attend to ([B, Hkv, S, hd], the new tokens last). KVCache appends and returns everything so far; ParallelComp
+    plugs its KV eviction and attention calibration in here (parallelcomp.ChunkCache, parallelcomp.Calibration)."""
 
-    `update` is the hook ParallelComp overrides: it receives the layer's (rotated) queries, keys and values
-    and returns the keys and values the queries attend to. Keys/values live in buffers with room for `grow`
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class KVCache:
+    """Plain per-layer KV cache at n_kv_heads (a CacheHook): appends and returns everything cached so far.
+
+    Keys/values live in buffers with room for `grow`
     more tokens, so a decoding step writes in place instead of copying the whole cache (17 GB per token for
     Llama-3-8B at 128K); `keys(layer)` / `values(layer)` are the filled part.
     """
@@ -255,7 +265,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: CacheHook | None):
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -303,7 +313,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: CacheHook | None = None,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: LongTensor [B, T]. Returns float32 logits [B, T, vocab], or [B, P, vocab]
         at the rows `logits_at` [B, P] only: the LM head never runs on a whole long prompt."""

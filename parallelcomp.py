@@ -1,20 +1,24 @@
 """ParallelComp (Xiong et al., ICML 2025, arXiv 2502.14317): training-free length extrapolation for Llama.
 
-The input never goes through attention as a whole. Read this file top to bottom, in the order data flows:
+The input never goes through attention as a whole. This file reads top to bottom in the order data flows:
 
   1. split_chunks        chunks that fit the trained window, cut at sentence ends, positions reused  (Sec. 3.1)
-  2. chunk_scores        I_c = mean NLL of the question given chunk c; keep the k lowest       (Sec. 3.2, Eq. 3)
-  3. snapkv_keep         per-chunk KV eviction scored by the question's last rows, in parallel (Sec. 3.3, Eqs. 5-7)
-     prefill_chunks      batched chunk prefill + a fixed-size priority queue of kept chunks
-  4. assemble_cache      kept chunks' KV in document order, one BOS                              (Sec. 3.3)
+  2. question_nll        I_c = mean NLL of the question given chunk c                          (Sec. 3.2, Eq. 3)
+     ChunkQueue          a fixed-size priority queue that keeps the k chunks of lowest I_c
+  3. snapkv_scores       per-chunk KV eviction scored by the question's last rows, in parallel (Sec. 3.3, Eqs. 5-7)
+     snapkv_keep
+     prefill_chunks      stages 1-3 over batches of chunks
+  4. assemble_cache      kept chunks' KV in document order, one header                         (Sec. 3.3)
   5. prefill_question    the question over the assembled cache, bottom-right causal            (Eqs. 9-11)
-  6. bias_token_evict    attention calibration: evict sink/recent/middle outlier tokens        (Sec. 4, Eq. 8)
+  6. Calibration         inside the question's prefill: evict sink/recent/middle outlier tokens  (Sec. 4, Eq. 8)
   7. decode              greedy (default) or temperature/top-p sampling
 
-Shapes: H query heads, Hkv key/value heads, hd head dim, T tokens in a chunk input, S cached tokens.
-A chunk input is  header + chunk + question,  where header = [BOS] (+ an optional chat prefix).
-`../shared/SPEC.md` of the project describes each stage; docstrings say where we differ from the
-authors' released code and why.
+`run_parallelcomp` chains stages 1-6 on token ids and `run_full` is the baseline; `answer` is the Python
+entry point on text (tokenize, prefill, decode, stats, trace).
+
+Shapes: H query heads, Hkv key/value heads, g = H / Hkv, hd head dim, T tokens in a chunk input, S cached tokens.
+A chunk input is  header + chunk + question,  where header is what the tokenizer puts before any text (a BOS,
+or nothing) plus an optional chat prefix. Docstrings say where we differ from the authors' released code and why.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import dataclasses
 import heapq
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +37,12 @@ REGIONS = ("sink", "recent", "middle", "all")
 
 
 class ConfigError(ValueError):
-    """An option value that makes no sense; the message names the option and the valid range."""
+    """An option value that makes no sense; the message names the option and the valid range.
+    `about` names the input at fault where a caller may want to say where it came from ("question")."""
+
+    def __init__(self, message: str, about: str | None = None):
+        super().__init__(message)
+        self.about = about
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,31 +146,62 @@ def boundary_strength(token_texts: list[str]) -> torch.Tensor:
 
 
 def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) -> list[tuple[int, int]]:
-    """Split N context tokens into C = ceil(N / chunk_size) near-equal chunks, each cut after the last line end
-    (else sentence end) in the final `tail` part of its target length; a hard cut only where there is none.
+    """Split N context tokens into near-equal chunks of at most chunk_size tokens, cut at natural boundaries.
+
+    The count is planned once: C = ceil(N / chunk_size), or the next count up that lets every cut fall on a line
+    or sentence end (at most 8 more; else the count with the fewest hard cuts). For a count C, cut i is planned
+    at round(i * N / C) and placed by plan_cuts. Why the count may grow: with N just under C * chunk_size no
+    cut has room to move (16,384 tokens in 241-token chunks: 68 chunks, 4 tokens of slack in all), and on the
+    demo model 53-61 of those 67 cuts fell mid-sentence and passkey accuracy at 16K fell from 10/10 to 7/10.
+    (Planning each chunk from where the previous one ended drifts instead: an early cut shrinks the next
+    target, and N = 2,000 with chunk_size 100 and a sentence end every 10 tokens gave 22 chunks, here 21.)
 
     strength: [N] boundary strength of each context token (see boundary_strength). Returns [(start, end)]
-    covering 0..N exactly once, every chunk at most chunk_size long. The released code instead splits the
-    *text* evenly by characters, which cuts mid-sentence; the boundary effect on the question's first token
-    then swamps the relevance signal of stage 2.
+    covering 0..N exactly once. The released code instead splits the *text* evenly by characters, which cuts
+    mid-sentence; the boundary effect on the question's first token then swamps the relevance signal of stage 2.
     """
-    n, bounds, start = len(strength), [], 0
-    while n - start > chunk_size:
-        remaining = n - start
-        target = math.ceil(remaining / math.ceil(remaining / chunk_size))  # near-equal lengths, <= chunk_size
-        lo = start + max(1, target - max(1, int(chunk_size * tail)))
-        seg = strength[lo - 1:start + target]  # tokens that may end this chunk
-        end = start + target
-        for level in (2, 1):
-            hits = (seg >= level).nonzero()
-            if len(hits):
-                end = lo + int(hits[-1])  # cut right after the boundary token
-                break
-        bounds.append((start, end))
-        start = end
-    if n > start or not bounds:
-        bounds.append((start, n))
-    return bounds
+    n = len(strength)
+    first = max(1, math.ceil(n / chunk_size))
+    best = None
+    for count in range(first, min(first + 8, n) + 1):
+        cuts, hard = plan_cuts(strength, chunk_size, count, max(1, int(chunk_size * tail)))
+        if best is None or hard < best[1]:
+            best = cuts, hard
+        if hard == 0:
+            break
+    cuts = best[0]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def plan_cuts(strength: torch.Tensor, chunk_size: int, count: int, slack: int) -> tuple[list[int], int]:
+    """Cut N tokens into `count` chunks of at most chunk_size: cut i may move from its planned point
+    round(i * N / count) to a line or sentence end at most `slack` tokens away, or stay on it (a hard cut).
+    Of all placements, the one with the fewest hard cuts, then the smallest total distance to the plan (ties: a
+    line end, then the earlier cut): a shortest path over the candidate cuts, one step per cut. (A greedy
+    cut-by-cut choice runs out of room: a cut that moves back lengthens the next chunk.)
+    Returns (cuts 0 = c_0 < c_1 < ... < c_count = N, number of hard cuts)."""
+    n = len(strength)
+    hard = float(count * (2 * slack + 1))  # one hard cut costs more than any placement of boundary cuts
+    ends = strength.long()  # a cut at e ends the chunk after token e - 1: a line (2), sentence (1) or hard (0) cut
+    pos, cost, steps = torch.tensor([0]), torch.zeros(1, dtype=torch.float64), []
+    for i in range(1, count):
+        planned = round(i * n / count)
+        window = torch.arange(max(1, planned - slack), min(n - 1, planned + slack) + 1)
+        cand = torch.cat([window[ends[window - 1] > 0], torch.tensor([planned])]).unique()  # (J,) sorted
+        own = (cand - planned).abs().double() + hard * (ends[cand - 1] == 0) - 0.5 * (ends[cand - 1] == 2)
+        length = cand[None, :] - pos[:, None]  # (K, J): the chunk between a previous cut and a candidate
+        total = (cost[:, None] + own[None, :]).masked_fill((length <= 0) | (length > chunk_size), math.inf)
+        cost, best_prev = total.min(0)  # the planned points always form a valid path, so cost stays finite
+        steps.append((cand, best_prev))
+        pos = cand
+    j = int(cost.masked_fill(n - pos > chunk_size, math.inf).argmin())  # the last chunk must fit too
+    cuts = [n]
+    for cand, best_prev in reversed(steps):
+        cuts.append(int(cand[j]))
+        j = int(best_prev[j])
+    cuts.append(0)
+    cuts.reverse()
+    return cuts, sum(int(strength[c - 1] == 0) for c in cuts[1:-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,8 +270,9 @@ def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: i
     """Indices (into the chunk input) of the tokens one chunk keeps: its header, plus per KV head the top
     `capacity` context tokens by max-pooled score, in original order. The question copy is never kept.
 
-    scores: [Hkv, T] for one chunk. Pooling runs over the context tokens only, so neither the BOS nor the
-    question's scores leak into their neighbours. Ties go to the earlier token. Returns [Hkv, n_header + min(capacity, n_context)].
+    scores: [Hkv, T] for one chunk. Pooling runs over the context tokens only, so neither the header's nor the
+    question's scores leak into their neighbours. Ties go to the earlier token.
+    Returns [Hkv, n_header + min(capacity, n_context)].
     """
     hkv = scores.shape[0]
     header = torch.arange(n_header, device=scores.device).expand(hkv, n_header)
@@ -242,6 +282,12 @@ def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: i
     pooled = F.max_pool1d(ctx[:, None], kernel, stride=1, padding=kernel // 2).squeeze(1)  # (Hkv, n_context)
     top = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[:, :capacity]
     return torch.cat([header, n_header + top.sort(dim=-1).values], dim=-1)
+
+
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per KV head, the cached tokens at `idx`: x [..., Hkv, S, hd], idx [Hkv, S'] -> [..., Hkv, S', hd].
+    The one gather behind both KV eviction (stage 3) and calibration (stage 6); the result owns its memory."""
+    return x.gather(-2, idx[:, :, None].expand(*x.shape[:-3], -1, -1, x.shape[-1]))
 
 
 @dataclass
@@ -257,12 +303,12 @@ class EncodedChunk:
     kept: list[torch.Tensor]
 
 
-class ChunkCache(KVCache):
-    """Cache used during a batch of chunk prefills: each layer attends with the chunk's full keys (eviction only
-    changes what is *stored*, so logits and scores are unaffected), and only the kept tokens are stored."""
+class ChunkCache:
+    """The cache hook (model.CacheHook) of a batch of chunk prefills: each layer attends with the chunk's full
+    keys (eviction only changes what is *stored*, so logits and scores are unaffected), and only the kept tokens
+    are stored, one layer at a time, so the batch's full K/V is never held across layers."""
 
     def __init__(self, cfg: ParallelCompConfig, n_header: int, n_context: list[int], lengths: torch.Tensor):
-        super().__init__(0)
         self.cfg, self.n_header, self.n_context, self.lengths = cfg, n_header, n_context, lengths
         self.kept: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S)
         self.kept_k: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S, hd)
@@ -277,10 +323,9 @@ class ChunkCache(KVCache):
                 idx = torch.arange(self.n_header + n_ctx, device=k.device).expand(k.shape[1], -1)
             else:
                 idx = snapkv_keep(scores[b], self.n_header, n_ctx, self.cfg.kv_capacity, self.cfg.pool_kernel)
-            gather = idx[:, :, None].expand(-1, -1, k.shape[-1])  # (Hkv, S, hd): fresh tensors, the batch's
-            self.kept[b].append(idx)                               # full K/V is freed after this layer
-            self.kept_k[b].append(k[b].gather(1, gather))
-            self.kept_v[b].append(v[b].gather(1, gather))
+            self.kept[b].append(idx)
+            self.kept_k[b].append(take_tokens(k[b], idx))
+            self.kept_v[b].append(take_tokens(v[b], idx))
         return k, v
 
 
@@ -301,6 +346,7 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
         for b, (start, end) in enumerate(batch):
             tokens[b, :lengths[b]] = torch.cat([header, context[start:end], question])
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # reused in every chunk
+        # the row before each question token: chunk b's question starts at n_h + n_ctx[b]
         rows = torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device)  # (B, Q)
         cache = ChunkCache(cfg, n_h, n_ctx, lengths)
         logits = model(tokens, positions, cache, logits_at=rows)  # (B, Q, vocab)
@@ -320,17 +366,17 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
 
 class AssembledCache(KVCache):
     """The kept chunks' KV, concatenated per layer in document order, each key at the rotary position it was
-    encoded with (positions overlap across chunks, by design). In layers covered by a calibration rule, the
-    question's prefill first evicts bias tokens (stage 6); evicted tokens stay out for decoding.
+    encoded with (positions overlap across chunks, by design). An ordinary KVCache from here on: the question
+    and the generated tokens append to it.
 
     Per layer and cached token it knows the token's position in its chunk, its chunk's length (header +
-    context, for the sink/recent/middle regions) and its offset into the context ids (header tokens: -n_header..-1).
+    context, for the sink/recent/middle regions of stage 6) and its offset into the context ids (header
+    tokens: -n_header..-1).
     """
 
-    def __init__(self, kept: list[EncodedChunk], n_header: int, cfg: ParallelCompConfig):
+    def __init__(self, kept: list[EncodedChunk], n_header: int):
         n_layers = len(kept[0].keys)
         super().__init__(n_layers)
-        self.cfg, self.rules, self.calibrating = cfg, cfg.rules_by_layer(), False
         self.pos, self.chunk_len, self.offset = [], [], []
         for layer in range(n_layers):
             ks, vs, pos, clen, off = [], [], [], [], []
@@ -347,23 +393,33 @@ class AssembledCache(KVCache):
             self.offset.append(torch.cat(off, 1))
         self.kv_offsets = list(self.offset)  # for the trace: after KV eviction, before calibration
 
-    def update(self, layer, q, k, v):
-        region = self.rules.get(layer) if self.calibrating else None
-        if region is not None:
-            scores = calibration_scores(q, self.keys(layer), k, self.cfg.calibration_rows)  # (Hkv, S)
-            in_region = region_mask(region, self.pos[layer], self.chunk_len[layer], self.cfg.region_size)
-            keep = bias_token_keep(scores, in_region, self.cfg.calibration_threshold)  # (Hkv, S')
-            gather = keep[None, :, :, None].expand(1, -1, -1, k.shape[-1])
-            self.replace(layer, self.keys(layer).gather(2, gather), self.values(layer).gather(2, gather))
-            self.pos[layer], self.offset[layer] = self.pos[layer].gather(1, keep), self.offset[layer].gather(1, keep)
-            self.chunk_len[layer] = self.chunk_len[layer].gather(1, keep)
-        return super().update(layer, q, k, v)
+    def evict(self, layer: int, keep: torch.Tensor) -> None:
+        """Keep only the cached tokens `keep` [Hkv, S'] of one layer (their bookkeeping follows)."""
+        self.replace(layer, take_tokens(self.keys(layer), keep), take_tokens(self.values(layer), keep))
+        self.pos[layer], self.offset[layer] = self.pos[layer].gather(1, keep), self.offset[layer].gather(1, keep)
+        self.chunk_len[layer] = self.chunk_len[layer].gather(1, keep)
 
 
-def assemble_cache(kept: list[EncodedChunk], n_header: int, cfg: ParallelCompConfig):
+def assemble_cache(kept: list[EncodedChunk], n_header: int) -> tuple[AssembledCache, int]:
     """Stage 4. Returns (cache, M) with M = n_header + the longest kept chunk's context length, counted before
     KV eviction: the question's positions continue right after the longest chunk."""
-    return AssembledCache(kept, n_header, cfg), n_header + max(c.end - c.start for c in kept)
+    return AssembledCache(kept, n_header), n_header + max(c.end - c.start for c in kept)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 5: the question over the assembled cache (Eqs. 9-11)
+
+@torch.inference_mode()
+def prefill_question(model: Transformer, cache: AssembledCache, question: torch.Tensor, start_pos: int,
+                     cfg: ParallelCompConfig) -> torch.Tensor:
+    """Feed the question once at positions M, M+1, ...; each token attends to every cached token and causally to
+    earlier question tokens (bottom-right alignment: model.attention). With calibration rules, this forward
+    goes through the Calibration hook (stage 6), which evicts bias tokens from the cache in the covered layers
+    before they attend. Returns the logits of the last question token [vocab] float32."""
+    positions = torch.arange(start_pos, start_pos + len(question), device=question.device)[None]
+    hook = Calibration(cache, cfg) if cfg.calibration else cache
+    last = torch.tensor([[len(question) - 1]], device=question.device)
+    return model(question[None], positions, hook, logits_at=last)[0, 0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,18 +427,23 @@ def assemble_cache(kept: list[EncodedChunk], n_header: int, cfg: ParallelCompCon
 
 def calibration_scores(q: torch.Tensor, cached_k: torch.Tensor, new_k: torch.Tensor, rows: int) -> torch.Tensor:
     """Attention of the question's last `rows` query rows over cache + question keys (bottom-right causal among
-    the question tokens; the released code uses no mask for several rows), averaged over the rows and over the
-    query heads of each KV group. q: [1, H, Q, hd]; cached_k: [1, Hkv, S, hd]; new_k: [1, Hkv, Q, hd].
-    Returns [Hkv, S] float32: the scores of the cached tokens."""
+    the question tokens; the released code uses no mask for several rows), averaged over the rows, then the
+    largest over the query heads of each KV group. q: [1, H, Q, hd]; cached_k: [1, Hkv, S, hd];
+    new_k: [1, Hkv, Q, hd]. Returns [Hkv, S] float32: the scores of the cached tokens.
+
+    GQA: the released code scores per query head. The cache stays at Hkv heads here, so a token is flagged for
+    a KV head when *any* of its query heads exceeds lambda: the group maximum. (A group mean would raise the
+    effective threshold up to g times: one head at 0.3 and three at 0.005 average 0.079 < 0.1.)"""
     _, h, n_q, hd = q.shape
     hkv, s = cached_k.shape[1], cached_k.shape[2]
-    rows = min(rows, n_q)
+    g, rows = h // hkv, min(rows, n_q)
     keys = torch.cat([cached_k, new_k], dim=2)[0]  # (Hkv, S+Q, hd)
-    q_rows = q[0, :, n_q - rows:].reshape(hkv, (h // hkv) * rows, hd)  # (Hkv, g*r, hd)
+    q_rows = q[0, :, n_q - rows:].reshape(hkv, g * rows, hd)  # heads of one KV group are adjacent: (Hkv, g*r, hd)
     logits = (q_rows @ keys.transpose(-1, -2)).float() / math.sqrt(hd)  # (Hkv, g*r, S+Q)
     visible = torch.arange(s + n_q, device=q.device)[None] <= s + n_q - rows + torch.arange(rows, device=q.device)[:, None]
-    logits = logits.masked_fill(~visible.repeat(h // hkv, 1), float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(1)[:, :s]  # (Hkv, S)
+    logits = logits.masked_fill(~visible.repeat(g, 1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)[:, :, :s].view(hkv, g, rows, s)  # (Hkv, g, r, S)
+    return probs.mean(2).amax(1)  # (Hkv, S)
 
 
 def region_mask(region: str, pos: torch.Tensor, chunk_len: torch.Tensor, size: int) -> torch.Tensor:
@@ -404,19 +465,22 @@ def bias_token_keep(scores: torch.Tensor, in_region: torch.Tensor, threshold: fl
     return order[:, n:].sort(dim=-1).values
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stage 5: the question over the assembled cache (Eqs. 9-11)
+class Calibration:
+    """The cache hook (model.CacheHook) of the question's prefill when calibration rules are set: in a layer
+    covered by a rule, score the cached tokens by the question's attention, evict that layer's bias tokens from
+    the assembled cache, then attend as usual. Evicted tokens stay out for decoding, which uses the cache."""
 
-@torch.inference_mode()
-def prefill_question(model: Transformer, cache: AssembledCache, question: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Feed the question once at positions M, M+1, ...; each token attends to every cached token and causally to
-    earlier question tokens (bottom-right alignment: model.attention). Calibration runs inside, per layer.
-    Returns the logits of the last question token [vocab] float32."""
-    positions = torch.arange(start_pos, start_pos + len(question), device=question.device)[None]
-    cache.calibrating = True
-    logits = model(question[None], positions, cache, logits_at=torch.tensor([[len(question) - 1]], device=question.device))
-    cache.calibrating = False
-    return logits[0, 0]
+    def __init__(self, cache: AssembledCache, cfg: ParallelCompConfig):
+        self.cache, self.cfg, self.rules = cache, cfg, cfg.rules_by_layer()
+
+    def update(self, layer, q, k, v):
+        region = self.rules.get(layer)
+        if region is not None:
+            c = self.cache
+            scores = calibration_scores(q, c.keys(layer), k, self.cfg.calibration_rows)  # (Hkv, S)
+            in_region = region_mask(region, c.pos[layer], c.chunk_len[layer], self.cfg.region_size)
+            c.evict(layer, bias_token_keep(scores, in_region, self.cfg.calibration_threshold))
+        return self.cache.update(layer, q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,7 +502,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: int, max_new_tokens: int,
            stop_ids, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
     """Generate up to max_new_tokens from the logits of the last prompt token; new tokens continue at next_pos,
-    ... and are appended to the cache (it stays at its compressed size plus the generated tokens)."""
+    ... and are appended to the cache (it stays at its compressed size plus the generated tokens).
+    Sampling draws from its own generator seeded with `seed` (0 when None), so a run never depends on torch's
+    global random state."""
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=logits.device)
@@ -460,42 +526,26 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: i
 
 
 # ----------------------------------------------------------------------------------------------------
-# The whole method, the baseline, and the porter's trace
-
-@dataclass
-class Result:
-    ids: list[int]  # generated token ids (stop token excluded)
-    text: str
-    stats: dict
-    trace: dict[str, torch.Tensor] | None = None
-
-
-def default_chunk_size(args: ModelArgs, n_header: int, n_question: int, max_new_tokens: int) -> int:
-    """The model's trained window minus the header, the question and the tokens to generate (the margin), so
-    chunk prefill, the question (at positions M..) and the answer all stay inside the trained window."""
-    size = args.trained_window - n_header - n_question - max_new_tokens
-    if size < 1:
-        raise ConfigError(f"the question ({n_question} tokens) plus max_new_tokens ({max_new_tokens}) leave no room "
-                          f"for context in the model's trained window ({args.trained_window} tokens); shorten them")
-    return size
-
+# The whole method on token ids, and the baseline
 
 @torch.inference_mode()
 def run_parallelcomp(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
-                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None):
-    """Stages 1-6 on token ids. Returns (cache, logits of the last question token, next position, info dict)."""
+                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None, bos_id: int | None = None):
+    """Stages 1-6 on token ids (cfg.chunk_size set). strength: [N] boundary strength of the context tokens.
+    Returns (cache, logits of the last question token, next position, info dict for stats and the trace)."""
     bounds = split_chunks(strength, cfg.chunk_size)
     kept, scores = prefill_chunks(model, header, context, question, bounds, cfg, progress)
-    cache, m = assemble_cache(kept, len(header), cfg)
-    q = torch.cat([header[:1], question]) if cfg.question_bos and len(header) else question
-    logits = prefill_question(model, cache, q, m)
+    cache, m = assemble_cache(kept, len(header))
+    if cfg.question_bos and bos_id is not None:
+        question = torch.cat([question.new_tensor([bos_id]), question])
+    logits = prefill_question(model, cache, question, m, cfg)
     info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache}
-    return cache, logits, m + len(q), info
+    return cache, logits, m + len(question), info
 
 
 @torch.inference_mode()
 def run_full(model: Transformer, tokens: torch.Tensor):
-    """Baseline: one ordinary forward over [BOS] + context + question at positions 0..N-1."""
+    """Baseline: one ordinary forward over header + context + question at positions 0..N-1."""
     cache = KVCache(len(model.layers))
     positions = torch.arange(len(tokens), device=tokens.device)[None]
     logits = model(tokens[None], positions, cache, logits_at=torch.tensor([[len(tokens) - 1]], device=tokens.device))
@@ -510,82 +560,111 @@ def middle_truncate(context: torch.Tensor, budget: int) -> torch.Tensor:
     return torch.cat([context[:head], context[len(context) - (budget - head):]])
 
 
-def generate(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
-             method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, prefix: str = "", full_max_tokens: int | None = None,
-             progress=None, on_text=None, trace: bool = False) -> Result:
-    """Answer `question` about `context`. Context and question are tokenized separately and joined at token
-    level: a chunk input is [BOS] + encode(prefix) + encode(context)[chunk] + encode(question).
-    method: "parallelcomp" or "full" (the baseline; `full_max_tokens` middle-truncates the context).
+# ----------------------------------------------------------------------------------------------------
+# The Python entry point on text, and the porter's trace
+
+LARGEST_DEFAULT_WINDOW = 32768
+
+
+def default_chunk_size(args: ModelArgs, n_header: int, n_question: int, max_new_tokens: int) -> int:
+    """The model's trained window minus the header, the question and the tokens to generate (the margin), so
+    chunk prefill, the question (at positions M..) and the answer all stay inside the trained window.
+
+    A config window above LARGEST_DEFAULT_WINDOW (32K, the longest window models are commonly pre-trained on)
+    is not trusted: such configs (Mistral-Nemo says 1,024,000) describe extended windows, and a default chunk
+    that large would silently be full attention over the whole input. Then chunk_size must be given."""
+    if args.trained_window > LARGEST_DEFAULT_WINDOW:
+        raise ConfigError(f"the checkpoint's config claims a {args.trained_window:,}-token window, too large to "
+                          f"derive a chunk size from (above {LARGEST_DEFAULT_WINDOW:,} one chunk would be full "
+                          "attention over the whole input); pass --chunk-size (the paper used 3,600-7,600)")
+    size = args.trained_window - n_header - n_question - max_new_tokens
+    if size < 1:
+        raise ConfigError(f"the question ({n_question} tokens) plus max_new_tokens ({max_new_tokens}) leave no room "
+                          f"for context in the model's trained window ({args.trained_window} tokens); shorten them",
+                          about="question")
+    return size
+
+
+@dataclass
+class Result:
+    ids: list[int]  # generated token ids (stop token excluded)
+    text: str
+    stats: dict
+    trace: dict[str, torch.Tensor] | None = None
+
+
+def check_prompt(args: ModelArgs, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor) -> None:
+    """Refuse prompts that cannot run, before any forward pass."""
+    if len(question) == 0:
+        raise ConfigError("the question is empty; pass a question", about="question")
+    if len(header) + len(question) > args.trained_window:
+        raise ConfigError(f"the question is {len(question)} tokens, longer than the model's trained window "
+                          f"({args.trained_window}); shorten it", about="question")
+    if len(context) == 0:
+        raise ConfigError("the context is empty; give the text to answer the question about")
+    if int(torch.cat([header, context, question]).max()) >= args.vocab_size:
+        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
+                          "the tokenizer files do not belong to this checkpoint")
+
+
+def cache_bytes(cache: KVCache) -> int:
+    return sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
+
+
+def answer(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
+           method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int | None = None, chat: bool = False, full_max_tokens: int | None = None,
+           progress=None, on_text=None, trace: bool = False) -> Result:
+    """Answer `question` about `context`: tokenize (tokenizer.encode_prompt: header, context and question ids,
+    with the chat template when `chat`), prefill with `method` ("parallelcomp", or "full": the baseline;
+    `full_max_tokens` middle-truncates its context), decode, and report stats (and the trace when asked).
     progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token."""
-    cfg = config or ParallelCompConfig()
-    args, device = model.args, next(model.parameters()).device
-    ids = lambda tokens: torch.tensor(tokens, dtype=torch.long, device=device)  # noqa: E731
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    header = ids(bos + tokenizer.encode(prefix))  # [BOS] + chat prefix
-    context_ids, question_ids = ids(tokenizer.encode(context)), ids(tokenizer.encode(question))
-    if len(question_ids) == 0:
-        raise ConfigError("the question is empty; pass a question")
-    if len(header) + len(question_ids) > args.trained_window:
-        raise ConfigError(f"the question is {len(question_ids)} tokens, longer than the model's trained window "
-                          f"({args.trained_window}); shorten it")
+    if method not in ("parallelcomp", "full"):
+        raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
+    cfg, args, device = config or ParallelCompConfig(), model.args, next(model.parameters()).device
+    prompt = tokenizer.encode_prompt(context, question, chat)
+    header, context_ids, question_ids = (torch.tensor(x, dtype=torch.long, device=device)
+                                         for x in (prompt.header, prompt.context, prompt.question))
+    check_prompt(args, header, context_ids, question_ids)
     if cfg.chunk_size is None:
         cfg = dataclasses.replace(cfg, chunk_size=default_chunk_size(args, len(header), len(question_ids),
                                                                        max_new_tokens))
     cfg.validate(args)
-    if len(context_ids) == 0:
-        raise ConfigError("the context is empty; give the text to answer the question about")
-    if int(torch.cat([header, context_ids, question_ids]).max()) >= args.vocab_size:
-        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
-                          "the tokenizer files do not belong to this checkpoint")
+    stats = {"method": method, "input_tokens": len(header) + len(context_ids) + len(question_ids)}
 
     t0 = time.perf_counter()
-    stats = {"method": method, "input_tokens": len(header) + len(context_ids) + len(question_ids)}
     if method == "parallelcomp":
-        strength = boundary_table(tokenizer)[context_ids.cpu()]
-        cache, logits, next_pos, info = run_parallelcomp(model, header, context_ids, question_ids, cfg,
-                                                         strength, progress)
+        strength = boundary_strength(tokenizer.token_texts)[context_ids.cpu()]
+        cache, logits, next_pos, info = run_parallelcomp(model, header, context_ids, question_ids, cfg, strength,
+                                                         progress, tokenizer.bos_id)
         stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=cfg.chunk_size,
                      cache_tokens=round(sum(o.shape[1] for o in cache.offset) / len(cache.offset)))
-    elif method == "full":
+    else:
         ctx = context_ids if full_max_tokens is None else middle_truncate(
             context_ids, max(0, full_max_tokens - len(header) - len(question_ids)))
         cache, logits, next_pos = run_full(model, torch.cat([header, ctx, question_ids]))
         stats.update(cache_tokens=cache.length - len(question_ids))
-    else:
-        raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    stats["prefill_s"] = time.perf_counter() - t0
-    stats["cache_bytes"] = sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
+    stats.update(prefill_s=time.perf_counter() - t0, cache_bytes=cache_bytes(cache))
 
     t1 = time.perf_counter()
     on_token = (lambda out: on_text(tokenizer.decode(out))) if on_text is not None else None
     out = decode(model, cache, logits, next_pos, max_new_tokens, set(tokenizer.stop_ids), temperature, top_p,
                  seed, on_token)
-    stats["decode_s"] = time.perf_counter() - t1
-    stats["new_tokens"] = len(out)
-    stats["tokens_per_s"] = len(out) / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+    decode_s = time.perf_counter() - t1
+    stats.update(decode_s=decode_s, new_tokens=len(out), tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0)
     result = Result(out, tokenizer.decode(out), stats)
     if trace:
-        result.trace = {"context_ids": context_ids.cpu(), "question_ids": question_ids.cpu(),
-                        "generated_ids": torch.tensor(out, dtype=torch.long), "first_logits": logits.float().cpu()}
+        result.trace = {"header_ids": header.cpu(), "context_ids": context_ids.cpu(),
+                        "question_ids": question_ids.cpu(), "generated_ids": torch.tensor(out, dtype=torch.long),
+                        "first_logits": logits.float().cpu()}
         if method == "parallelcomp":
-            result.trace.update(make_trace(info, len(header)))
+            result.trace.update(make_trace(info))
     return result
 
 
-_BOUNDARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def boundary_table(tokenizer) -> torch.Tensor:
-    """boundary_strength of the tokenizer's vocabulary, computed once per tokenizer (128K ids take a moment)."""
-    if tokenizer not in _BOUNDARIES:
-        _BOUNDARIES[tokenizer] = boundary_strength(tokenizer.token_texts())
-    return _BOUNDARIES[tokenizer]
-
-
-def make_trace(info: dict, n_header: int) -> dict[str, torch.Tensor]:
+def make_trace(info: dict) -> dict[str, torch.Tensor]:
     """Stage-by-stage tensors for porters (see README, "Trace format")."""
     cache: AssembledCache = info["cache"]
     trace = {"chunk_bounds": torch.tensor(info["bounds"], dtype=torch.long),

@@ -52,7 +52,7 @@ def plain_greedy(model, ids: list[int], n: int, stop_ids) -> list[int]:
 def test_one_chunk_equals_plain_model(loaded):
     model, tok = loaded
     context = context_text(1, 12)
-    result = pc.generate(model, tok, context, QUESTION, pc.ParallelCompConfig(keep_chunks=1), max_new_tokens=12,
+    result = pc.answer(model, tok, context, QUESTION, pc.ParallelCompConfig(keep_chunks=1), max_new_tokens=12,
                          trace=True)
     assert result.stats["chunks_total"] == 1
     ids = [tok.bos_id] + tok.encode(context) + tok.encode(QUESTION)
@@ -66,7 +66,7 @@ def test_one_chunk_equals_plain_model(loaded):
 def test_full_baseline_equals_plain_model(loaded):
     model, tok = loaded
     context = context_text(2, 30)
-    result = pc.generate(model, tok, context, QUESTION, method="full", max_new_tokens=8)
+    result = pc.answer(model, tok, context, QUESTION, method="full", max_new_tokens=8)
     ids = [tok.bos_id] + tok.encode(context) + tok.encode(QUESTION)
     assert result.ids == plain_greedy(model, ids, 8, set(tok.stop_ids))
 
@@ -85,7 +85,7 @@ def test_chunk_scores_match_transformers(ckpt, loaded):
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     context = context_text(3, 60)
     cfg = pc.ParallelCompConfig(chunk_size=90, keep_chunks=2, chunk_batch=3)
-    result = pc.generate(model, tok, context, QUESTION, cfg, max_new_tokens=2, trace=True)
+    result = pc.answer(model, tok, context, QUESTION, cfg, max_new_tokens=2, trace=True)
     t = result.trace
     q = t["question_ids"]
     assert len(t["chunk_bounds"]) >= 5
@@ -108,7 +108,7 @@ def test_assembled_cache_and_question_positions_match_transformers(ckpt, loaded)
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     context = context_text(4, 20)
     cfg = pc.ParallelCompConfig(chunk_size=120, keep_chunks=2)
-    result = pc.generate(model, tok, context, QUESTION, cfg, max_new_tokens=1, trace=True)
+    result = pc.answer(model, tok, context, QUESTION, cfg, max_new_tokens=1, trace=True)
     t = result.trace
     assert len(t["chunk_bounds"]) == 2 and t["kept_chunks"].tolist() == [0, 1]
     (s1, e1), (s2, e2) = t["chunk_bounds"].tolist()
@@ -134,7 +134,7 @@ def test_assembled_cache_and_question_positions_match_transformers(ckpt, loaded)
 def test_chunk_batch_does_not_change_results(loaded):
     model, tok = loaded
     context = context_text(5, 80)
-    runs = [pc.generate(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=70, keep_chunks=3,
+    runs = [pc.answer(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=70, keep_chunks=3,
                         chunk_batch=b, kv_capacity=30), max_new_tokens=6, trace=True) for b in (1, 4, 100)]
     assert len(runs[0].trace["chunk_bounds"]) > 6
     for r in runs[1:]:
@@ -149,11 +149,11 @@ def test_no_state_leaks_between_calls(loaded):
     model, tok = loaded
     cfg = pc.ParallelCompConfig(chunk_size=60, keep_chunks=2, kv_capacity=20, calibration=[("all", 2, 3)],
                                 calibration_threshold=0.05)
-    a_first = pc.generate(model, tok, context_text(6, 40), QUESTION, cfg, max_new_tokens=5, trace=True)
-    b_after = pc.generate(model, tok, context_text(7, 25), "Where is the door number?", cfg, max_new_tokens=5, trace=True)
-    b_fresh = pc.generate(load_model_like(model), tok, context_text(7, 25), "Where is the door number?", cfg,
+    a_first = pc.answer(model, tok, context_text(6, 40), QUESTION, cfg, max_new_tokens=5, trace=True)
+    b_after = pc.answer(model, tok, context_text(7, 25), "Where is the door number?", cfg, max_new_tokens=5, trace=True)
+    b_fresh = pc.answer(load_model_like(model), tok, context_text(7, 25), "Where is the door number?", cfg,
                           max_new_tokens=5, trace=True)
-    a_again = pc.generate(model, tok, context_text(6, 40), QUESTION, cfg, max_new_tokens=5, trace=True)
+    a_again = pc.answer(model, tok, context_text(6, 40), QUESTION, cfg, max_new_tokens=5, trace=True)
     for x, y, exact in ((a_first, a_again, True), (b_after, b_fresh, False)):
         assert x.ids == y.ids
         assert x.trace.keys() == y.trace.keys()
@@ -172,7 +172,7 @@ def load_model_like(model):
 
 def test_default_chunk_size_fits_the_trained_window(loaded):
     model, tok = loaded
-    result = pc.generate(model, tok, context_text(8, 200), QUESTION, max_new_tokens=10)
+    result = pc.answer(model, tok, context_text(8, 200), QUESTION, max_new_tokens=10)
     n_q = len(tok.encode(QUESTION))
     assert result.stats["chunk_size"] == model.args.trained_window - 1 - n_q - 10
 
@@ -197,25 +197,52 @@ def test_split_without_boundaries_gives_near_equal_chunks():
     assert len(lengths) == 11 and max(lengths) - min(lengths) <= 1
 
 
-def test_split_prefers_line_ends_then_sentence_ends():
-    strength = torch.zeros(300, dtype=torch.int8)
-    strength[[80, 95, 97]] = 1  # sentence ends late in the window
-    strength[90] = 2  # a line end slightly earlier: preferred
-    assert pc.split_chunks(strength, 100)[0] == (0, 91)
-    strength[90] = 0
-    assert pc.split_chunks(strength, 100)[0] == (0, 98)  # the last sentence end
+def test_split_cuts_at_the_boundary_nearest_the_plan():
+    strength = torch.zeros(280, dtype=torch.int8)  # 3 chunks, cuts planned at 93 and 187
+    strength[[84, 97]] = 1  # sentence ends: cuts at 85 (8 before the plan) and 98 (5 after it)
+    assert pc.split_chunks(strength, 100)[0] == (0, 98)  # the nearer one
+    strength[87] = 2  # a line end: a cut at 88, also 5 from the plan, and a line end wins the tie
+    assert pc.split_chunks(strength, 100)[0] == (0, 88)
+    strength[87], strength[97] = 0, 0
+    strength[91] = 1  # 92: 1 before the plan
+    assert pc.split_chunks(strength, 100)[0] == (0, 92)
     strength[:] = 0
-    strength[10] = 2  # a boundary far from the window's end is not used
-    assert pc.split_chunks(strength, 100)[0] == (0, 100)
+    strength[10] = 2  # a boundary far from the planned cut is not used
+    assert pc.split_chunks(strength, 100)[0] == (0, 93)
+
+
+@pytest.mark.parametrize("n, offset, chunks", [(200, 9, 2), (2000, 9, 20), (2001, 9, 21), (200, 4, 3),
+                                              (2000, 4, 21), (95, 4, 1)])
+def test_split_count_is_planned_once(n, offset, chunks):
+    """A sentence end every 10 tokens. With the cuts at 10, 20, ... (offset 9) C = ceil(N / chunk_size). With
+    them at 5, 15, ... (offset 4) N = 200 cannot be cut into 2 chunks at a sentence end: 3 near-equal chunks,
+    where planning each chunk from the previous cut gave (95, 50, 55); and N = 2,000 gives 21, where it gave 22."""
+    strength = torch.zeros(n, dtype=torch.int8)
+    strength[torch.arange(offset, n, 10)] = 1
+    bounds = pc.split_chunks(strength, 100)
+    lengths = [e - s for s, e in bounds]
+    assert len(bounds) == chunks and max(lengths) <= 100 and max(lengths) - min(lengths) <= 10
+    assert all(strength[e - 1] == 1 for _, e in bounds[:-1])  # every cut on a sentence end
+
+
+def test_split_never_lets_a_later_chunk_outgrow_chunk_size():
+    """The pull of the cuts towards boundaries cannot push the rest past chunk_size."""
+    strength = torch.zeros(250, dtype=torch.int8)  # 3 chunks of ~83: room to move, cuts planned at 83 and 167
+    strength[[80, 160]] = 1
+    assert pc.split_chunks(strength, 100) == [(0, 81), (81, 161), (161, 250)]
+    strength = torch.zeros(300, dtype=torch.int8)  # exactly 3 x 100: cuts 90 and 190 would leave 110 at the end
+    strength[[89, 189]] = 1
+    assert pc.plan_cuts(strength, 100, 3, 15) == ([0, 100, 200, 300], 2)
+    assert max(e - s for s, e in pc.split_chunks(strength, 100)) <= 100
 
 
 def test_chunks_of_real_text_end_at_sentence_or_line_ends(loaded):
     _, tok = loaded
     ids = tok.encode(context_text(9, 400))
-    strength = pc.boundary_table(tok)[torch.tensor(ids)]
-    bounds = pc.split_chunks(strength, 150)
-    assert len(bounds) > 10
-    texts = tok.token_texts()
+    strength = pc.boundary_strength(tok.token_texts)[torch.tensor(ids)]
+    bounds = pc.split_chunks(strength, 170)  # 25 chunks with 134 tokens of slack in all: room for every cut
+    assert len(bounds) == math.ceil(len(ids) / 170) > 10
+    texts = tok.token_texts
     for _, end in bounds[:-1]:
         assert texts[ids[end - 1]].rstrip(" ").endswith((".", "!", "?", "\n")), texts[ids[end - 1]]
 
@@ -283,9 +310,9 @@ def test_snapkv_keeps_everything_when_capacity_exceeds_chunk():
 def test_kv_eviction_leaves_scores_unchanged_and_caps_the_cache(loaded):
     model, tok = loaded
     context = context_text(10, 60)
-    base = pc.generate(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=100, keep_chunks=2),
+    base = pc.answer(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=100, keep_chunks=2),
                        max_new_tokens=2, trace=True)
-    evict = pc.generate(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=100, keep_chunks=2,
+    evict = pc.answer(model, tok, context, QUESTION, pc.ParallelCompConfig(chunk_size=100, keep_chunks=2,
                         kv_capacity=25), max_new_tokens=2, trace=True)
     torch.testing.assert_close(evict.trace["chunk_scores"], base.trace["chunk_scores"], atol=1e-6, rtol=0)
     for layer in range(4):
@@ -320,18 +347,18 @@ def planted_cache(region_size=4):
 def test_planted_sink_token_is_evicted_only_where_its_rule_applies(rule, evicted_layers):
     chunks, hkv, hd, n_layers = planted_cache()
     cfg = pc.ParallelCompConfig(calibration=[rule], region_size=4, calibration_threshold=0.1)
-    cache, m = pc.assemble_cache(chunks, 1, cfg)
+    cache, m = pc.assemble_cache(chunks, 1)
     assert m == 13 and cache.length == 25 and cache.offset[0][0, 15] == 14  # offset into context ids
     q = torch.ones(1, 4, 3, hd)  # 4 query heads, 3 question tokens: they all attend to the planted key
-    cache.calibrating = True
+    hook = pc.Calibration(cache, cfg)  # the question's prefill goes through it
     for layer in range(n_layers):
-        keys, _ = cache.update(layer, q, torch.zeros(1, hkv, 3, hd), torch.zeros(1, hkv, 3, hd))
+        keys, _ = hook.update(layer, q, torch.zeros(1, hkv, 3, hd), torch.zeros(1, hkv, 3, hd))
         planted_present = bool((keys[0, :, :-3] == 10.0).all(-1).any())
         assert planted_present == (layer not in evicted_layers), layer
         # every head drops the same count (rectangular K/V); here exactly the planted token
         assert keys.shape[2] == 25 + 3 - (layer in evicted_layers)
         assert (14 in cache.offset[layer][0].tolist()) == (layer not in evicted_layers)
-    cache.calibrating = False  # decoding: the evicted token stays out
+    # decoding goes through the cache itself: the evicted token stays out
     for layer in range(n_layers):
         keys, _ = cache.update(layer, q[:, :, :1], torch.zeros(1, hkv, 1, hd), torch.zeros(1, hkv, 1, hd))
         assert bool((keys[0] == 10.0).all(-1).any()) == (layer not in evicted_layers)
@@ -361,19 +388,37 @@ def test_calibration_scores_use_a_causal_mask_for_several_rows():
     q, cached, new = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 3, 4)
     got = pc.calibration_scores(q, cached, new, rows=2)
     keys = torch.cat([cached, new], 2)[0, 0]  # (8, 4)
-    want = torch.zeros(5)
+    per_head = torch.zeros(2, 5)
     for head in range(2):
         for row, visible in ((1, 7), (2, 8)):  # question rows 1 and 2 see 5 + row + 1 keys
             probs = torch.softmax(q[0, head, row] @ keys[:visible].T / 2.0, -1)
-            want += probs[:5] / 4
-    torch.testing.assert_close(got[0], want)
+            per_head[head] += probs[:5] / 2
+    torch.testing.assert_close(got[0], per_head.amax(0))  # the two query heads share the one KV head
+
+
+def test_calibration_flags_a_token_when_any_query_head_of_its_group_exceeds_lambda():
+    """GQA, 4 query heads on one KV head: one head puts 0.3 on cached token 0, three put 0.005. A group mean
+    (0.079) would keep it at lambda = 0.1; the released code scores per query head and evicts it, and so do we."""
+    hd, s = 4, 20  # the other 19 cached tokens and the question's own key share the rest: < 0.1 each
+    cached = torch.zeros(1, 1, s, hd)
+    cached[0, 0, 0, 0] = 1.0  # only token 0 has a key the queries can favour
+    new = torch.zeros(1, 1, 1, hd)
+    target = torch.tensor([0.3, 0.005, 0.005, 0.005])  # attention on token 0 per query head
+    # with keys k0 = e0, others 0: p0 = e^a / (e^a + s) (s other keys incl. the question's own); solve for a
+    a = torch.log(target * s / (1 - target)) * math.sqrt(hd)
+    q = torch.zeros(1, 4, 1, hd)
+    q[0, :, 0, 0] = a
+    scores = pc.calibration_scores(q, cached, new, rows=1)
+    assert abs(float(scores[0, 0]) - 0.3) < 1e-5
+    keep = pc.bias_token_keep(scores, torch.ones(1, s, dtype=torch.bool), 0.1)
+    assert keep.tolist() == [list(range(1, s))]  # exactly token 0 goes
 
 
 def test_calibration_runs_end_to_end_and_shrinks_the_cache(loaded):
     model, tok = loaded
     cfg = pc.ParallelCompConfig(chunk_size=80, keep_chunks=2, calibration=[("all", 1, 4)],
                                 calibration_threshold=0.02)
-    r = pc.generate(model, tok, context_text(11, 50), QUESTION, cfg, max_new_tokens=4, trace=True)
+    r = pc.answer(model, tok, context_text(11, 50), QUESTION, cfg, max_new_tokens=4, trace=True)
     sizes = [r.trace[f"calibration_kept.{layer}"].shape[1] for layer in range(4)]
     full = r.trace["kv_kept.0"].shape[1]
     assert all(s <= full for s in sizes) and min(sizes) < full
@@ -414,7 +459,7 @@ def test_sampling():
 
 def test_sampling_with_seed_is_reproducible(loaded):
     model, tok = loaded
-    runs = [pc.generate(model, tok, context_text(12, 30), QUESTION, max_new_tokens=10, temperature=1.0, top_p=0.9,
+    runs = [pc.answer(model, tok, context_text(12, 30), QUESTION, max_new_tokens=10, temperature=1.0, top_p=0.9,
                         seed=s).ids for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 

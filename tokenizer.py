@@ -6,8 +6,10 @@ config.json, never from hard-coded ids. `encode` never adds special tokens: call
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from dataclasses import dataclass
 
 from model import CheckpointError
 
@@ -34,6 +36,28 @@ def _ids(value) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+def _chat_template(ckpt_dir: str, tok_cfg: dict) -> str | None:
+    """chat_template.jinja first (what transformers 5 saves and reads first), else tokenizer_config.json's
+    chat_template: a string, or a list of named templates of which "default" is the one used."""
+    path = os.path.join(ckpt_dir, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+@dataclass
+class PromptIds:
+    """A prompt as ParallelComp needs it: every chunk input is header + context[chunk] + question."""
+    header: list[int]  # what the tokenizer adds before any text (a BOS, or nothing), then the chat prefix
+    context: list[int]
+    question: list[int]  # the question (with --chat: the rest of the user turn and the assistant header)
 
 
 class Tokenizer:
@@ -68,19 +92,28 @@ class Tokenizer:
         tok_cfg = _json(os.path.join(ckpt_dir, "tokenizer_config.json"))
         gen_cfg = _json(os.path.join(ckpt_dir, "generation_config.json"))
         cfg = _json(os.path.join(ckpt_dir, "config.json"))
-        self.chat_template = tok_cfg.get("chat_template")
+        self.chat_template = _chat_template(ckpt_dir, tok_cfg)
         bos_str = _token_str(tok_cfg.get("bos_token"))
-        bos = self.token_id(bos_str) if bos_str else None
-        if bos is None:
-            bos = next(iter(_ids(gen_cfg.get("bos_token_id")) + _ids(cfg.get("bos_token_id"))), None)
-        if bos is None and self._sp is not None and self._sp.bos_id() >= 0 and "bos_token" not in tok_cfg:
-            bos = self._sp.bos_id()
-        # Qwen2 says "no BOS at all" with add_bos_token: false and/or bos_token: null, while its config.json
-        # still names a bos_token_id (<|endoftext|>) that the model never sees at the start
-        if tok_cfg.get("add_bos_token") is False or ("bos_token" in tok_cfg and tok_cfg["bos_token"] is None):
-            bos = None
-        self.bos_id: int | None = bos
-        self.bos_token = bos_str
+        if self._hf is not None:
+            # the tokenizer's own rule: what its post-processor adds in front of the text (possibly nothing;
+            # SmolLM2 names bos_token <|im_start|> in tokenizer_config.json, but its tokenizer adds no token)
+            with_special = self._hf.encode("a", add_special_tokens=True).ids
+            plain = self._hf.encode("a", add_special_tokens=False).ids
+            n = len(with_special) - len(plain) if with_special[-len(plain):] == plain else 0
+            bos = with_special[0] if n > 0 else None
+            if tok_cfg.get("add_bos_token") is False or ("bos_token" in tok_cfg and tok_cfg["bos_token"] is None):
+                bos = None  # transformers rebuilds the post-processor without BOS then
+        else:
+            bos = self.token_id(bos_str) if bos_str else None
+            if bos is None:
+                bos = next(iter(_ids(gen_cfg.get("bos_token_id")) + _ids(cfg.get("bos_token_id"))), None)
+            if bos is None and self._sp.bos_id() >= 0 and "bos_token" not in tok_cfg:
+                bos = self._sp.bos_id()
+            # Qwen2 says "no BOS at all" with add_bos_token: false and/or bos_token: null
+            if tok_cfg.get("add_bos_token") is False or ("bos_token" in tok_cfg and tok_cfg["bos_token"] is None):
+                bos = None
+        self.bos_id: int | None = bos  # the id the tokenizer puts before every text, or None
+        self.bos_token = self.id_to_token(bos) if bos is not None else None
         stops = _ids(gen_cfg.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
         eos_str = _token_str(tok_cfg.get("eos_token"))
         if eos_str and self.token_id(eos_str) is not None:
@@ -95,6 +128,9 @@ class Tokenizer:
         i = self._sp.PieceToId(token)
         return i if self._sp.IdToPiece(i) == token else None
 
+    def id_to_token(self, i: int) -> str:
+        return self._hf.id_to_token(i) if self._hf is not None else self._sp.IdToPiece(i)
+
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False).ids
@@ -105,12 +141,54 @@ class Tokenizer:
             return self._hf.decode(list(ids), skip_special_tokens=True)
         return self._sp.DecodeIds(list(ids))
 
+    @functools.cached_property
     def token_texts(self) -> list[str]:
-        """The text of every token id on its own (for finding sentence ends without decoding a prompt twice)."""
+        """The text of every token id on its own (for finding sentence ends without decoding a prompt twice);
+        computed once per tokenizer, since 128K ids take a moment."""
         if self._hf is not None:
             return [self._hf.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
         return [self._sp.IdToPiece(i).replace("\u2581", " ") if not self._sp.IsByte(i) else
                 ("\n" if self._sp.IdToPiece(i) == "<0x0A>" else "") for i in range(self.vocab_size)]
+
+    def chat_parts(self, question: str) -> tuple[str, str]:
+        """The chat template rendered for one user message (the context, a blank line, the question) and split
+        around the context: (text before the context, text after it, ending with the assistant header)."""
+        if not self.chat_template:
+            raise CheckpointError("--chat: this checkpoint has no chat template (chat_template.jinja or "
+                                  "tokenizer_config.json); drop --chat")
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise CheckpointError("--chat needs the jinja2 package: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise CheckpointError(f"--chat: the chat template refused the prompt: {message}")
+
+        mark = "\x00CONTEXT\x00"
+        # the template is text from the checkpoint folder: a sandbox, as in transformers, so it cannot run code
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=[{"role": "user", "content": mark + "\n\n" + question}], add_generation_prompt=True,
+                bos_token=self.bos_token or "", eos_token="")
+        except TemplateError as e:
+            raise CheckpointError(f"--chat: the checkpoint's chat template failed ({e}); drop --chat") from None
+        if mark not in text:
+            raise CheckpointError("--chat: the checkpoint's chat template drops the user's message; drop --chat")
+        if self.bos_token and text.startswith(self.bos_token):
+            text = text[len(self.bos_token):]  # the BOS the tokenizer adds is placed as an id, never as text
+        prefix, _, rest = text.partition(mark)
+        return prefix, rest
+
+    def encode_prompt(self, context: str, question: str, chat: bool = False) -> PromptIds:
+        """The ids of header, context and question (see PromptIds)."""
+        prefix = ""
+        if chat:
+            prefix, question = self.chat_parts(question)
+        bos = [self.bos_id] if self.bos_id is not None else []
+        return PromptIds(bos + self.encode(prefix), self.encode(context), self.encode(question))
 
 
 def load_tokenizer(ckpt_dir: str) -> Tokenizer:

@@ -2,7 +2,7 @@
 
 For each length (1x, 4x, 16x, 64x, 256x the window by default) it builds `--n` passkey examples with the
 needle at evenly spread depths (demo/passkey.py, seeded) and answers each with both methods of
-parallelcomp.generate: "parallelcomp" (chunks at reused positions, keep_chunks=1, the paper's setting for
+parallelcomp.answer: "parallelcomp" (chunks at reused positions, keep_chunks=1, the paper's setting for
 retrieval) and "full" (one ordinary forward over all tokens; past the window it runs at positions the model
 never saw in training). An answer is right when the generated text is exactly the key's digits.
 
@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 
 from demo.passkey import make_example  # noqa: E402
 from model import load_model  # noqa: E402
-from parallelcomp import ParallelCompConfig, generate, parse_calibration  # noqa: E402
+import parallelcomp as pc  # noqa: E402
+from parallelcomp import ParallelCompConfig, parse_calibration  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # the answer is a space marker, 5 digits, then EOS
@@ -50,14 +51,14 @@ def evaluate_length(model, tok, n_tokens: int, n: int, n_full: int, cfg: Paralle
     for i in range(n):
         context, question, answer = make_example(rng, tok, n_tokens, depth=i / max(1, n - 1))
         t = time.perf_counter()
-        res = generate(model, tok, context, question, cfg, method="parallelcomp", max_new_tokens=MAX_NEW_TOKENS,
+        res = pc.answer(model, tok, context, question, cfg, method="parallelcomp", max_new_tokens=MAX_NEW_TOKENS,
                        trace=True)
         row["pc_s"] += time.perf_counter() - t
         row["pc"] += res.text.strip() == answer
         row["kept"] += needle_kept(res, answer, tok)
         if i < n_full:
             t = time.perf_counter()
-            res = generate(model, tok, context, question, cfg, method="full", max_new_tokens=MAX_NEW_TOKENS)
+            res = pc.answer(model, tok, context, question, cfg, method="full", max_new_tokens=MAX_NEW_TOKENS)
             row["full_s"] += time.perf_counter() - t
             row["full"] += res.text.strip() == answer
     return row

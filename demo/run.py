@@ -16,7 +16,8 @@ import torch
 
 from demo.passkey import make_example
 from model import load_model
-from parallelcomp import ParallelCompConfig, generate
+import parallelcomp as pc
+from parallelcomp import ParallelCompConfig
 from tokenizer import load_tokenizer
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
@@ -37,7 +38,7 @@ def run_demo(length: int = 131072, full_length: int = 16384, seed: int | None = 
         context, question, answer = make_example(random.Random(seed), tok, n_tokens, depth)  # same key each time
         say(f"{method}: {n_tokens:,} tokens ...")
         t0 = time.perf_counter()
-        result = generate(model, tok, context, question, ParallelCompConfig(keep_chunks=1), method=method,
+        result = pc.answer(model, tok, context, question, ParallelCompConfig(keep_chunks=1), method=method,
                           max_new_tokens=8)
         rows.append((method, n_tokens, question, answer, result.text.strip(), time.perf_counter() - t0))
     print(f"question: {rows[0][2]}   (the key is {rows[0][3]})")

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-import generate
+from model import CheckpointError
 from tokenizer import load_tokenizer
 
 LLAMA3_TEMPLATE = (
@@ -29,7 +29,7 @@ def chat_dir(tmp_path, bpe_tokenizer_dir):
 
 def test_chat_template_is_split_around_the_context(chat_dir):
     tok = load_tokenizer(chat_dir)
-    prefix, question = generate.chat_parts(tok, "Who is it?")
+    prefix, question = tok.chat_parts("Who is it?")
     assert prefix == "<|start_header_id|>user<|end_header_id|>\n\n"  # BOS is placed as an id, not as text
     assert question == "\n\nWho is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ids = tok.encode(question)
@@ -37,5 +37,5 @@ def test_chat_template_is_split_around_the_context(chat_dir):
 
 
 def test_chat_without_template_is_a_clear_error(bpe_tokenizer_dir):
-    with pytest.raises(generate.UsageError, match="no chat template"):
-        generate.chat_parts(load_tokenizer(bpe_tokenizer_dir), "Who?")
+    with pytest.raises(CheckpointError, match="no chat template"):
+        load_tokenizer(bpe_tokenizer_dir).chat_parts("Who?")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import generate
 from conftest import make_checkpoint, sample_text
 from model import load_model
-from parallelcomp import ParallelCompConfig, generate as pc_generate, paper_calibration
+from parallelcomp import ParallelCompConfig, answer, paper_calibration
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
 
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     cfg = ParallelCompConfig(chunk_size=60, keep_chunks=2, kv_capacity=30, calibration=paper_calibration(2))
-    api = pc_generate(model, tok, text, QUESTION, cfg, max_new_tokens=12, trace=True)
+    api = answer(model, tok, text, QUESTION, cfg, max_new_tokens=12, trace=True)
     assert len(api.ids) > 0
     assert out == api.text + "\n"  # stdout carries the generated text only
     for label in ("input tokens", "chunks", "cache", "prefill", "decode", "peak memory"):  # stats on stderr
@@ -84,7 +84,8 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
     assert trace["generated_ids"].tolist() == api.ids
     assert trace["first_logits"].shape == (vocab,) and trace["first_logits"].dtype == torch.float32
     assert int(trace["first_logits"].argmax()) == api.ids[0]  # greedy
-    assert set(trace) == {"context_ids", "question_ids", "chunk_bounds", "chunk_scores", "kept_chunks",
+    assert trace["header_ids"].tolist() == [tok.bos_id]
+    assert set(trace) == {"header_ids", "context_ids", "question_ids", "chunk_bounds", "chunk_scores", "kept_chunks",
                           "generated_ids", "first_logits", *(f"{kind}.{layer}" for layer in range(n_layers)
                                                              for kind in ("kv_kept", "calibration_kept"))}
     kept_len = [min(30, bounds[i][1] - bounds[i][0]) for i in kept]

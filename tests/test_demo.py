@@ -5,7 +5,8 @@ import random
 from demo.passkey import make_example
 from demo.run import MODEL_DIR, run_demo
 from model import load_model
-from parallelcomp import ParallelCompConfig, generate
+import parallelcomp as pc
+from parallelcomp import ParallelCompConfig
 from tokenizer import load_tokenizer
 
 
@@ -15,7 +16,7 @@ def test_demo_model_retrieves_passkey_at_16x_its_window():
     for seed in range(5):
         rng = random.Random(seed)
         context, question, answer = make_example(rng, tok, n_tokens, depth=rng.random())
-        result = generate(model, tok, context, question, ParallelCompConfig(keep_chunks=1), max_new_tokens=8)
+        result = pc.answer(model, tok, context, question, ParallelCompConfig(keep_chunks=1), max_new_tokens=8)
         assert result.text.strip() == answer, (seed, result.text, answer)
         assert result.stats["chunks_total"] >= 16
 

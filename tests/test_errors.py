@@ -425,7 +425,7 @@ def test_tokenizer_round_trip_fuzzing_never_crashes(ckpt, bpe_tokenizer_dir, kin
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == same(text), repr(text[:80])
-    assert tok.token_texts()  # every id has a text, byte tokens included
+    assert tok.token_texts  # every id has a text, byte tokens included
 
 
 def test_random_unicode_prompt_runs_end_to_end(capsys, ckpt, tmp_path):

@@ -117,7 +117,7 @@ def test_sentencepiece_special_ids_and_vocab(sp_dir):
 
 def test_sentencepiece_token_texts(sp_dir):
     ours = T.load_tokenizer(sp_dir)
-    texts = ours.token_texts()
+    texts = ours.token_texts
     assert len(texts) == ours.vocab_size
     ids = ours.encode("the sky is blue.\nthe grass")
     assert "".join(texts[i] for i in ids) == " the sky is blue.\nthe grass"  # with the dummy-prefix space
@@ -164,7 +164,7 @@ def test_tokenizer_json_special_ids_from_files(bpe_tokenizer_dir):
 
 def test_tokenizer_json_token_texts(bpe_tokenizer_dir):
     ours = T.load_tokenizer(bpe_tokenizer_dir)
-    texts = ours.token_texts()
+    texts = ours.token_texts
     assert len(texts) == ours.vocab_size
     text = "The sky is blue.\nThe grass is green!"
     assert "".join(texts[i] for i in ours.encode(text)) == text
