@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random checkpoints written by `transformers` in the real Hugging Face layout,
-and a SentencePiece tokenizer trained in-process (seconds). Nothing is downloaded."""
+and a SentencePiece tokenizer trained in-process (seconds). Nothing is downloaded. Also the helpers that
+several test files use: the plain greedy reference and the ways to damage a checkpoint folder."""
 import json
 import os
 import random
@@ -130,3 +131,48 @@ def train_byte_bpe(path: str, vocab_size: int = 600) -> str:
 def bpe_tokenizer_dir(tmp_path_factory) -> str:
     """Folder with a Llama 3-style tokenizer.json (see train_byte_bpe); copy it before modifying."""
     return train_byte_bpe(str(tmp_path_factory.mktemp("bpe")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plain reference decoder, and damage to checkpoint folders (shared by the test files)
+
+@torch.inference_mode()
+def plain_greedy(model, tokens: list[int], n: int, stop_ids) -> list[int]:
+    """Greedy decoding by a full forward over the whole sequence for every new token: no cache, positions
+    0..T-1. The simplest possible reference."""
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([tokens + out]), torch.arange(len(tokens) + len(out))[None])
+        token = int(logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        out.append(token)
+    return out
+
+
+def rewrite_weights(folder: str, fn) -> None:
+    """model.safetensors replaced by fn(its tensors)."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(folder, "model.safetensors")
+    save_file(fn(load_file(path)), path, metadata={"format": "pt"})
+
+
+def edit_json(folder: str, name: str, **over) -> None:
+    path = os.path.join(folder, name)
+    with open(path) as f:
+        data = json.load(f)
+    data.update(over)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def truncate_weights(folder: str, keep) -> None:
+    """model.safetensors cut to keep(its size) bytes."""
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(keep(os.path.getsize(path)))
+
+
+def only_pickled_weights(folder: str) -> None:
+    os.remove(os.path.join(folder, "model.safetensors"))
+    open(os.path.join(folder, "pytorch_model.bin"), "wb").close()

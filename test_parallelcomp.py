@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import parallelcomp as pc
-from conftest import sample_text
+from conftest import plain_greedy, sample_text
 from model import KVCache, load_model
 from tokenizer import load_tokenizer
 
@@ -31,19 +31,6 @@ def loaded(ckpt):
 
 def context_text(seed: int, n_sentences: int) -> str:
     return sample_text(random.Random(seed), n_sentences)
-
-
-def plain_greedy(model, ids: list[int], n: int, stop_ids) -> list[int]:
-    """Greedy decoding by full forwards without any cache: the simplest possible reference."""
-    out = []
-    for _ in range(n):
-        tokens = torch.tensor([ids + out])
-        with torch.no_grad():
-            token = int(model(tokens, torch.arange(tokens.shape[1])[None])[0, -1].argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,6 +118,41 @@ def test_assembled_cache_and_question_positions_match_transformers(ckpt, loaded)
     torch.testing.assert_close(t["first_logits"], ref.float(), atol=1e-4, rtol=0)
 
 
+def test_kv_eviction_matches_transformers_with_the_evicted_tokens_masked(tmp_path_factory, sp_model):
+    """Stages 3-5 with KV eviction against transformers: one layer, one KV head (so one 4D mask says which
+    tokens are cached). Chunks attend to all their own tokens; the question attends only to the kept ones, at
+    positions from M = 1 + the longest kept chunk counted *before* eviction."""
+    import transformers
+    from conftest import make_checkpoint
+    path = make_checkpoint(str(tmp_path_factory.mktemp("mqa") / "ckpt"), sp_model, max_position_embeddings=512,
+                           num_hidden_layers=1, num_key_value_heads=1)
+    model, tok = load_model(path), load_tokenizer(path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    cfg = pc.ParallelCompConfig(chunk_size=120, keep_chunks=2, kv_capacity=40)
+    t = pc.answer(model, tok, context_text(4, 20), QUESTION, cfg, max_new_tokens=1, trace=True).trace
+    assert len(t["chunk_bounds"]) == 2 and t["kept_chunks"].tolist() == [0, 1]
+    (s1, e1), (s2, e2) = t["chunk_bounds"].tolist()
+    c1, c2, q = t["context_ids"][s1:e1], t["context_ids"][s2:e2], t["question_ids"]
+    bos = torch.tensor([tok.bos_id])
+    ids = torch.cat([bos, c1, bos, c2, q])
+    n1, n2, nq = 1 + len(c1), 1 + len(c2), len(q)
+    m = max(n1, n2)
+    positions = torch.cat([torch.arange(n1), torch.arange(n2), torch.arange(m, m + nq)])
+    kept = t["kv_kept.0"][0].tolist()  # offsets into the context ids, -1 for the BOS
+    assert len(kept) == 1 + 2 * 40
+    where = [0 if o < 0 else (1 + o - s1 if o < e1 else n1 + 1 + o - s2) for o in kept]  # in `ids`
+    total = len(ids)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    allowed[:n1, :n1] = torch.tril(torch.ones(n1, n1, dtype=torch.bool))
+    allowed[n1:n1 + n2, n1:n1 + n2] = torch.tril(torch.ones(n2, n2, dtype=torch.bool))
+    allowed[n1 + n2:, where] = True
+    allowed[n1 + n2:, n1 + n2:] = torch.tril(torch.ones(nq, nq, dtype=torch.bool))
+    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None], position_ids=positions[None], attention_mask=mask).logits[0, -1]
+    torch.testing.assert_close(t["first_logits"], ref.float(), atol=1e-4, rtol=0)
+
+
 def test_chunk_batch_does_not_change_results(loaded):
     model, tok = loaded
     context = context_text(5, 80)
@@ -171,10 +193,34 @@ def load_model_like(model):
 
 
 def test_default_chunk_size_fits_the_trained_window(loaded):
+    """Every position the default run uses stays inside the trained window: chunk inputs (header + chunk +
+    question at 0..n-1), the question at M.., and the generated tokens after it."""
     model, tok = loaded
-    result = pc.answer(model, tok, context_text(8, 200), QUESTION, max_new_tokens=10)
-    n_q = len(tok.encode(QUESTION))
-    assert result.stats["chunk_size"] == model.args.trained_window - 1 - n_q - 10
+    window, max_new = model.args.trained_window, 10
+    result = pc.answer(model, tok, context_text(8, 200), QUESTION, max_new_tokens=max_new, trace=True)
+    t = result.trace
+    n_h, n_q = len(t["header_ids"]), len(t["question_ids"])
+    lengths = (t["chunk_bounds"][:, 1] - t["chunk_bounds"][:, 0]).tolist()
+    assert len(lengths) > 3 and max(n_h + n + n_q for n in lengths) <= window
+    m = n_h + max(lengths[c] for c in t["kept_chunks"].tolist())
+    assert m + n_q + max_new <= window
+    assert result.stats["chunk_size"] == window - n_h - n_q - max_new  # and no smaller than that allows
+
+
+def test_an_implausibly_large_config_window_needs_an_explicit_chunk_size(loaded):
+    """Mistral-Nemo's config says 1,024,000 tokens and no sliding window: a default chunk that large would be
+    full attention over the whole input, silently."""
+    import dataclasses
+    model, tok = loaded
+    model.args = dataclasses.replace(model.args, max_position_embeddings=1_024_000)
+    try:
+        with pytest.raises(pc.ConfigError, match="--chunk-size"):
+            pc.answer(model, tok, context_text(8, 20), QUESTION, max_new_tokens=2)
+        ok = pc.answer(model, tok, context_text(8, 20), QUESTION, pc.ParallelCompConfig(chunk_size=100),
+                       max_new_tokens=2)
+        assert ok.stats["chunk_size"] == 100
+    finally:
+        model.args = dataclasses.replace(model.args, max_position_embeddings=512)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -414,14 +460,29 @@ def test_calibration_flags_a_token_when_any_query_head_of_its_group_exceeds_lamb
     assert keep.tolist() == [list(range(1, s))]  # exactly token 0 goes
 
 
-def test_calibration_runs_end_to_end_and_shrinks_the_cache(loaded):
+def test_calibration_evicts_before_attention_and_the_logits_equal_a_run_over_the_reduced_cache(loaded):
+    """End to end: the rule's layers lose tokens, the others none; and the first logits equal those of the
+    question run without calibration over the same assembled cache from which exactly the traced tokens were
+    removed by hand. A calibration that removed tokens after the layer attended, or other tokens, fails here."""
     model, tok = loaded
-    cfg = pc.ParallelCompConfig(chunk_size=80, keep_chunks=2, calibration=[("all", 1, 4)],
+    cfg = pc.ParallelCompConfig(chunk_size=80, keep_chunks=2, calibration=[("all", 1, 2)],
                                 calibration_threshold=0.02)
-    r = pc.answer(model, tok, context_text(11, 50), QUESTION, cfg, max_new_tokens=4, trace=True)
-    sizes = [r.trace[f"calibration_kept.{layer}"].shape[1] for layer in range(4)]
-    full = r.trace["kv_kept.0"].shape[1]
-    assert all(s <= full for s in sizes) and min(sizes) < full
+    t = pc.answer(model, tok, context_text(11, 50), QUESTION, cfg, max_new_tokens=1, trace=True).trace
+    evicted = [t[f"kv_kept.{layer}"].shape[1] - t[f"calibration_kept.{layer}"].shape[1] for layer in range(4)]
+    assert evicted[0] > 0 and evicted[1] > 0 and evicted[2:] == [0, 0], evicted
+    header, context, question = t["header_ids"], t["context_ids"], t["question_ids"]
+    plain = pc.ParallelCompConfig(chunk_size=80, keep_chunks=2)
+    kept, _ = pc.prefill_chunks(model, header, context, question, t["chunk_bounds"].tolist(), plain)
+    cache, m = pc.assemble_cache(kept, len(header))
+    for layer in range(4):
+        offsets, wanted = cache.offset[layer], t[f"calibration_kept.{layer}"]  # (Hkv, S), (Hkv, S')
+        keep = torch.stack([torch.tensor([int((offsets[h] == o).nonzero()) for o in wanted[h].tolist()])
+                            for h in range(len(wanted))])
+        cache.evict(layer, keep)
+    logits = pc.prefill_question(model, cache, question, m, plain)
+    torch.testing.assert_close(logits, t["first_logits"], atol=1e-5, rtol=0)
+    no_calibration = pc.prefill_question(model, pc.assemble_cache(kept, len(header))[0], question, m, plain)
+    assert (no_calibration - t["first_logits"]).abs().max() > 1e-3  # the evictions matter
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,10 +526,23 @@ def test_sampling_with_seed_is_reproducible(loaded):
 
 
 def test_stop_tokens_end_generation(loaded):
+    """A stop token ends generation wherever it comes (first token, mid-generation), is not emitted, and any
+    of several stop ids (Llama 3 has more than one) stops it."""
     model, tok = loaded
     ids = [tok.bos_id] + tok.encode(context_text(13, 10)) + tok.encode(QUESTION)
-    with torch.no_grad():
-        cache = KVCache(4)
-        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0, -1]
-    first = int(logits.argmax())
-    assert pc.decode(model, cache, logits, len(ids), 5, {first}) == []
+
+    def run(stop_ids, n=8):
+        with torch.no_grad():
+            cache = KVCache(4)
+            logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0, -1]
+        return pc.decode(model, cache, logits, len(ids), n, set(stop_ids))
+
+    free = run(set())
+    assert len(free) == 8 and free == plain_greedy(model, ids, 8, set())
+    assert run({free[0]}) == []
+    cut = next(i for i in range(2, 8) if free[i] not in free[:i])  # a token that first appears mid-generation
+    assert run({free[cut]}) == free[:cut]
+    assert run({free[cut], 10**6}) == free[:cut]  # two stop ids, one never produced
+    later = next((i for i in range(cut + 1, 8) if free[i] not in free[:i]), None)
+    if later is not None:
+        assert run({free[later], free[cut]}) == free[:cut]  # the first of either ends it

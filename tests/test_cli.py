@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from conftest import make_checkpoint, sample_text
+from conftest import make_checkpoint, plain_greedy, sample_text
 from model import load_model
 from parallelcomp import ParallelCompConfig, answer, paper_calibration
 from tokenizer import load_tokenizer
@@ -102,19 +102,6 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
 
 # ----------------------------------------------------------------------------------------------------
 # The full baseline is plain greedy decoding
-
-@torch.inference_mode()
-def plain_greedy(model, tokens: list[int], n: int, stop_ids) -> list[int]:
-    """The reference: a full forward over the whole sequence for every new token, no cache, positions 0..T-1."""
-    out = []
-    for _ in range(n):
-        logits = model(torch.tensor([tokens + out]), torch.arange(len(tokens) + len(out))[None])
-        token = int(logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
-    return out
-
 
 def test_cli_method_full_equals_plain_greedy_decoding(ckpt, tmp_path):
     prompt = tmp_path / "short.txt"  # fits the 256-token window with the question and the answer

@@ -18,10 +18,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import generate
-from conftest import make_checkpoint, sample_text
+from conftest import edit_json, make_checkpoint, only_pickled_weights, rewrite_weights, sample_text, truncate_weights
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,31 +72,6 @@ def copy(folder, tmp_path) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The checkpoint folder
 
-def rewrite_weights(folder, fn):
-    path = os.path.join(folder, "model.safetensors")
-    save_file(fn(load_file(path)), path, metadata={"format": "pt"})
-
-
-def edit_json(folder, name, **over):
-    path = os.path.join(folder, name)
-    with open(path) as f:
-        data = json.load(f)
-    data.update(over)
-    with open(path, "w") as f:
-        json.dump(data, f)
-
-
-def truncate(folder, keep):
-    path = os.path.join(folder, "model.safetensors")
-    with open(path, "r+b") as f:
-        f.truncate(keep(os.path.getsize(path)))
-
-
-def only_pickled_weights(folder):
-    os.remove(os.path.join(folder, "model.safetensors"))
-    open(os.path.join(folder, "pytorch_model.bin"), "wb").close()
-
-
 CHECKPOINT_ROWS = {  # name -> (damage(folder), words the error line must contain)
     "no_config_json": (lambda d: os.remove(os.path.join(d, "config.json")), ["config.json", "not found"]),
     "config_not_json": (lambda d: open(os.path.join(d, "config.json"), "w").write("{'model_type': llama"),
@@ -107,8 +81,8 @@ CHECKPOINT_ROWS = {  # name -> (damage(folder), words the error line must contai
     "unsupported_model_type": (lambda d: edit_json(d, "config.json", model_type="gpt2"),
                                ["config.json", "'gpt2' is not supported", "llama"]),
     "no_safetensors": (lambda d: os.remove(os.path.join(d, "model.safetensors")), ["no model.safetensors"]),
-    "truncated_safetensors": (lambda d: truncate(d, lambda n: n // 2), ["model.safetensors", "truncated"]),
-    "truncated_header": (lambda d: truncate(d, lambda n: 5), ["model.safetensors", "truncated"]),
+    "truncated_safetensors": (lambda d: truncate_weights(d, lambda n: n // 2), ["model.safetensors", "truncated"]),
+    "truncated_header": (lambda d: truncate_weights(d, lambda n: 5), ["model.safetensors", "truncated"]),
     "wrong_shape": (lambda d: rewrite_weights(d, lambda t: {**t, "model.layers.0.self_attn.k_proj.weight":
                                                             torch.zeros(64, 64)}),
                     ["k_proj.weight", "(64, 64)", "(32, 64)"]),

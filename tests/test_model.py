@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import model as M
-from conftest import make_checkpoint
+from conftest import make_checkpoint, only_pickled_weights, rewrite_weights, truncate_weights
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -338,12 +338,6 @@ def test_load_in_bfloat16_keeps_rope_and_logits_in_float32(ckpts):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
-def rewrite_weights(folder, fn):
-    path = os.path.join(folder, "model.safetensors")
-    tensors = fn(load_file(path))
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 def drop(key):
     def fn(t):
         del t[key]
@@ -356,13 +350,6 @@ def put(key, value):
         t[key] = value
         return t
     return fn
-
-
-def truncate(folder):
-    path = os.path.join(folder, "model.safetensors")
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.truncate(size // 2)
 
 
 def remove_second_shard(folder):
@@ -401,11 +388,6 @@ def write_config(text):
     return fn
 
 
-def only_pickled_weights(folder):
-    os.remove(os.path.join(folder, "model.safetensors"))
-    open(os.path.join(folder, "pytorch_model.bin"), "wb").close()
-
-
 BROKEN = {  # name -> (variant to start from, damage(folder) -> optional name, words the message must contain)
     "missing_tensor": ("llama_gqa", lambda d: rewrite_weights(d, drop("model.layers.1.mlp.up_proj.weight")),
                        ["model.layers.1.mlp.up_proj.weight", "missing"]),
@@ -415,7 +397,7 @@ BROKEN = {  # name -> (variant to start from, damage(folder) -> optional name, w
     "wrong_shape": ("llama_gqa", lambda d: rewrite_weights(d, put("model.layers.0.self_attn.k_proj.weight",
                                                                   torch.zeros(64, 64))),
                     ["model.safetensors", "model.layers.0.self_attn.k_proj.weight", "(64, 64)", "(32, 64)"]),
-    "truncated_file": ("llama_gqa", truncate, ["model.safetensors", "truncated"]),
+    "truncated_file": ("llama_gqa", lambda d: truncate_weights(d, lambda n: n // 2), ["model.safetensors", "truncated"]),
     "absent_shard": ("sharded", remove_second_shard, ["model-00002-of-", "missing"]),
     "missing_config": ("llama_gqa", lambda d: os.remove(os.path.join(d, "config.json")), ["config.json"]),
     "config_not_json": ("llama_gqa", write_config("{'model_type': llama"), ["config.json", "JSON"]),
