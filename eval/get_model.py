@@ -69,6 +69,7 @@ def download_wheel(work: str, wheel: str | None) -> str:
 
 def convert(gguf_dir: str, gguf_name: str, out: str) -> None:
     """Dequantize with transformers and save the checkpoint folder `out` (written to a temp folder first)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's per-tensor progress bar
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
