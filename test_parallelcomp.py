@@ -86,6 +86,31 @@ def test_chunk_scores_match_transformers(ckpt, loaded):
     assert t["kept_chunks"].tolist() == sorted(t["chunk_scores"].argsort()[:2].tolist())
 
 
+def two_chunk_reference(hf, trace, bos_id: int, cached=None) -> torch.Tensor:
+    """transformers' last-token logits for [BOS c1 | BOS c2 | question] as one sequence with a 4D mask: each
+    chunk attends causally within itself at positions 0.., the question attends causally to itself at
+    positions M = 1 + the longer chunk .., and to the `cached` indices of that sequence (default: both chunks,
+    chunk 2 without its BOS, which the assembled cache drops). Returns the logits [vocab] float32."""
+    (s1, e1), (s2, e2) = trace["chunk_bounds"].tolist()
+    c1, c2, q = trace["context_ids"][s1:e1], trace["context_ids"][s2:e2], trace["question_ids"]
+    bos = torch.tensor([bos_id])
+    ids = torch.cat([bos, c1, bos, c2, q])
+    n1, n2, nq = 1 + len(c1), 1 + len(c2), len(q)
+    m = max(n1, n2)
+    positions = torch.cat([torch.arange(n1), torch.arange(n2), torch.arange(m, m + nq)])
+    if cached is None:
+        cached = [i for i in range(n1 + n2) if i != n1]
+    total = len(ids)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    allowed[:n1, :n1] = torch.tril(torch.ones(n1, n1, dtype=torch.bool))
+    allowed[n1:n1 + n2, n1:n1 + n2] = torch.tril(torch.ones(n2, n2, dtype=torch.bool))
+    allowed[n1 + n2:, cached] = True
+    allowed[n1 + n2:, n1 + n2:] = torch.tril(torch.ones(nq, nq, dtype=torch.bool))
+    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        return hf(input_ids=ids[None], position_ids=positions[None], attention_mask=mask).logits[0, -1].float()
+
+
 def test_assembled_cache_and_question_positions_match_transformers(ckpt, loaded):
     """Stages 4-5 against an explicit construction in HF: one sequence [BOS c1 | BOS c2 | question] whose 4D mask
     lets each chunk attend only within itself, and the question attend to chunk 1 with its BOS and chunk 2
@@ -98,24 +123,7 @@ def test_assembled_cache_and_question_positions_match_transformers(ckpt, loaded)
     result = pc.answer(model, tok, context, QUESTION, cfg, max_new_tokens=1, trace=True)
     t = result.trace
     assert len(t["chunk_bounds"]) == 2 and t["kept_chunks"].tolist() == [0, 1]
-    (s1, e1), (s2, e2) = t["chunk_bounds"].tolist()
-    c1, c2, q = t["context_ids"][s1:e1], t["context_ids"][s2:e2], t["question_ids"]
-    bos = torch.tensor([tok.bos_id])
-    ids = torch.cat([bos, c1, bos, c2, q])
-    n1, n2, nq = 1 + len(c1), 1 + len(c2), len(q)
-    m = max(n1, n2)
-    positions = torch.cat([torch.arange(n1), torch.arange(n2), torch.arange(m, m + nq)])
-    total = len(ids)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    allowed[:n1, :n1] = torch.tril(torch.ones(n1, n1, dtype=torch.bool))
-    allowed[n1:n1 + n2, n1:n1 + n2] = torch.tril(torch.ones(n2, n2, dtype=torch.bool))
-    allowed[n1 + n2:, :n1 + n2] = True
-    allowed[n1 + n2:, n1] = False  # chunk 2's BOS is not in the assembled cache
-    allowed[n1 + n2:, n1 + n2:] = torch.tril(torch.ones(nq, nq, dtype=torch.bool))
-    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, float("-inf"))
-    with torch.no_grad():
-        ref = hf(input_ids=ids[None], position_ids=positions[None], attention_mask=mask).logits[0, -1]
-    torch.testing.assert_close(t["first_logits"], ref.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(t["first_logits"], two_chunk_reference(hf, t, tok.bos_id), atol=1e-4, rtol=0)
 
 
 def test_kv_eviction_matches_transformers_with_the_evicted_tokens_masked(tmp_path_factory, sp_model):
@@ -132,25 +140,12 @@ def test_kv_eviction_matches_transformers_with_the_evicted_tokens_masked(tmp_pat
     t = pc.answer(model, tok, context_text(4, 20), QUESTION, cfg, max_new_tokens=1, trace=True).trace
     assert len(t["chunk_bounds"]) == 2 and t["kept_chunks"].tolist() == [0, 1]
     (s1, e1), (s2, e2) = t["chunk_bounds"].tolist()
-    c1, c2, q = t["context_ids"][s1:e1], t["context_ids"][s2:e2], t["question_ids"]
-    bos = torch.tensor([tok.bos_id])
-    ids = torch.cat([bos, c1, bos, c2, q])
-    n1, n2, nq = 1 + len(c1), 1 + len(c2), len(q)
-    m = max(n1, n2)
-    positions = torch.cat([torch.arange(n1), torch.arange(n2), torch.arange(m, m + nq)])
     kept = t["kv_kept.0"][0].tolist()  # offsets into the context ids, -1 for the BOS
     assert len(kept) == 1 + 2 * 40
-    where = [0 if o < 0 else (1 + o - s1 if o < e1 else n1 + 1 + o - s2) for o in kept]  # in `ids`
-    total = len(ids)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    allowed[:n1, :n1] = torch.tril(torch.ones(n1, n1, dtype=torch.bool))
-    allowed[n1:n1 + n2, n1:n1 + n2] = torch.tril(torch.ones(n2, n2, dtype=torch.bool))
-    allowed[n1 + n2:, where] = True
-    allowed[n1 + n2:, n1 + n2:] = torch.tril(torch.ones(nq, nq, dtype=torch.bool))
-    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, float("-inf"))
-    with torch.no_grad():
-        ref = hf(input_ids=ids[None], position_ids=positions[None], attention_mask=mask).logits[0, -1]
-    torch.testing.assert_close(t["first_logits"], ref.float(), atol=1e-4, rtol=0)
+    n1 = 1 + e1 - s1
+    cached = [0 if o < 0 else (1 + o - s1 if o < e1 else n1 + 1 + o - s2) for o in kept]  # in the sequence
+    ref = two_chunk_reference(hf, t, tok.bos_id, cached)
+    torch.testing.assert_close(t["first_logits"], ref, atol=1e-4, rtol=0)
 
 
 def test_chunk_batch_does_not_change_results(loaded):
