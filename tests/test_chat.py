@@ -30,10 +30,14 @@ def chat_dir(tmp_path, bpe_tokenizer_dir):
 def test_chat_template_is_split_around_the_context(chat_dir):
     tok = load_tokenizer(chat_dir)
     prefix, question = tok.chat_parts("Who is it?")
-    assert prefix == "<|start_header_id|>user<|end_header_id|>\n\n"  # BOS is placed as an id, not as text
+    # the whole rendered template, the BOS it prints included: transformers encodes that text and adds no other
+    assert prefix == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     assert question == "\n\nWho is it?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ids = tok.encode(question)
     assert tok.token_id("<|eot_id|>") in ids and tok.token_id("<|start_header_id|>") in ids  # special tokens
+    p = tok.encode_prompt("The sky is blue.", "Who is it?", chat=True)
+    assert p.header == tok.encode(prefix) and p.header.count(tok.bos_id) == 1  # one BOS, from the text
+    assert p.header + p.context + p.question == tok.encode(prefix + "The sky is blue." + question)
 
 
 def test_chat_without_template_is_a_clear_error(bpe_tokenizer_dir):

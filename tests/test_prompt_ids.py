@@ -1,0 +1,396 @@
+"""encode_prompt against transformers: on real and synthetic checkpoint folders, a one-chunk input (header +
+context + question) is exactly what the model's own tokenizer gives: `tokenizer(text)` without --chat,
+`apply_chat_template(..., tokenize=True)` with it; and every chunk input is the tokenizer's own encoding of the
+text it stands for (README, "The header and the joins").
+
+Synthetic folders reproduce the tokenizer files and chat templates of Llama-2-chat and Mistral-Instruct
+(SentencePiece tokenizer.model), Llama-3-Instruct (tokenizer.json whose post-processor adds a BOS, a template
+that prints it) and Qwen2.5-Instruct (tokenizer.json without BOS, ChatML); the real one is SmolLM2-135M-Instruct
+when `make model` has fetched it."""
+import json
+import os
+import shutil
+
+import pytest
+import transformers
+
+import parallelcomp as P
+import tokenizer as T
+
+# the chat templates as their hub repositories ship them (Qwen's without its tool-calling branch)
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+MISTRAL_INSTRUCT = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+LLAMA3_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+QWEN25_INSTRUCT = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}\n{%- else %}\n    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SP_SPECIALS = {"0": "<unk>", "1": "<s>", "2": "</s>"}
+
+
+def added_tokens_decoder(tokens: dict) -> dict:
+    return {i: {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True} for i, c in tokens.items()}
+
+
+def write(folder, name, data):
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+
+
+def sp_folder(path, sp_model, template, in_jinja_file=False):
+    """A Llama-2-chat / Mistral-Instruct tokenizer folder: tokenizer.model + tokenizer_config.json as those
+    repositories write it (the chat template in it, or in chat_template.jinja as transformers 5 saves it)."""
+    os.makedirs(path)
+    shutil.copy(sp_model, os.path.join(path, "tokenizer.model"))
+    cfg = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added_tokens_decoder(SP_SPECIALS),
+           "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": False,
+           "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}
+    if in_jinja_file:
+        write(path, "chat_template.jinja", template)
+    else:
+        cfg["chat_template"] = template
+    write(path, "tokenizer_config.json", cfg)
+    return str(path)
+
+
+def llama3_folder(path, bpe_dir):
+    """Llama-3-Instruct: tokenizer.json whose post-processor prepends <|begin_of_text|>; the template prints
+    bos_token itself."""
+    shutil.copytree(bpe_dir, path)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    write(path, "tokenizer_config.json", dict(cfg, chat_template=LLAMA3_INSTRUCT))
+    return str(path)
+
+
+def qwen_folder(path, bpe_dir, **tok_cfg):
+    """Qwen2.5-Instruct: tokenizer.json with a ByteLevel post-processor only (no BOS), <|im_start|> and
+    <|im_end|> added, bos_token null, ChatML template with a default system turn; Qwen's NFC normalizer and
+    regex split (digits one by one), which transformers' Qwen2Tokenizer rebuilds whatever the file says."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    os.makedirs(path)
+    tok = Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    write(path, "tokenizer_config.json", dict({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": QWEN25_INSTRUCT,
+        "clean_up_tokenization_spaces": False, "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072},
+        **tok_cfg))
+    return str(path)
+
+
+def smollm2_folder():
+    try:
+        from eval.get_model import DEFAULT_OUT
+    except Exception:  # noqa: BLE001 -- eval/ not importable: no real folder either
+        return None
+    return DEFAULT_OUT if os.path.exists(os.path.join(DEFAULT_OUT, "tokenizer.json")) else None
+
+
+# SmolLM2's template: ChatML with a default system turn, no bos_token in it
+SMOLLM2_INSTRUCT = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+FOLDERS = ["llama2_chat", "mistral_instruct", "llama3_instruct", "qwen25_instruct", "smollm2_like", "smollm2"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, sp_model, bpe_tokenizer_dir):
+    root = tmp_path_factory.mktemp("folders")
+    return {"llama2_chat": sp_folder(root / "llama2", sp_model, LLAMA2_CHAT),
+            "mistral_instruct": sp_folder(root / "mistral", sp_model, MISTRAL_INSTRUCT, in_jinja_file=True),
+            "llama3_instruct": llama3_folder(root / "llama3", bpe_tokenizer_dir),
+            "qwen25_instruct": qwen_folder(root / "qwen", bpe_tokenizer_dir),
+            # SmolLM2's files on the small tokenizer: bos_token names <|im_start|>, the tokenizer adds nothing
+            "smollm2_like": qwen_folder(root / "smol", bpe_tokenizer_dir, bos_token="<|im_start|>",
+                                        chat_template=SMOLLM2_INSTRUCT,
+                                        tokenizer_class="PreTrainedTokenizerFast"),
+            "smollm2": smollm2_folder()}
+
+
+@pytest.fixture(params=FOLDERS)
+def pair(request, folders):
+    """(ours, transformers' AutoTokenizer) for one folder."""
+    path = folders[request.param]
+    if path is None:
+        pytest.skip("SmolLM2 not fetched (make model)")
+    return T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+# contexts that meet the question and the template in different ways: after a sentence end, a line end, a
+# word; non-ASCII and byte-fallback characters at the joins; a special-token string inside the document
+CASES = [
+    ("The sky is blue. The grass is green.", "Who is it?"),
+    ("The sky is blue.\nThe grass is green.\n", "What colour is the grass?"),
+    ("über straße 東京 数字 and the pass key is 31415", " What is the pass key?"),
+    ("😀 emoji first. Then text ending in an emoji 😀", "\nQuestion: why?"),
+    ("A document that mentions </s> and <|im_end|> and <|eot_id|> as text.", "Which tokens?"),
+]
+
+
+def ids_of(x):
+    return x["input_ids"] if not isinstance(x, list) else x
+
+
+@pytest.mark.parametrize("context,question", CASES)
+def test_one_chunk_input_is_what_transformers_encodes(pair, context, question):
+    ours, hf = pair
+    p = ours.encode_prompt(context, question)
+    assert p.header + p.context + p.question == hf(context + question)["input_ids"]
+    if ours.chat_template:
+        p = ours.encode_prompt(context, question, chat=True)
+        ref = hf.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}], tokenize=True,
+                                     add_generation_prompt=True)
+        assert p.header + p.context + p.question == ids_of(ref)
+        assert p.context and p.question  # and split: the context ids are the context's own tokens
+
+
+def test_bos_exactly_when_transformers_adds_it(pair):
+    ours, hf = pair
+    added = hf("x")["input_ids"][:-len(hf("x", add_special_tokens=False)["input_ids"])]
+    assert ours.encode_prompt("x", "y").header == added
+    assert (ours.bos_id is not None) == bool(added)
+    if ours.chat_template:  # the chat header is the rendered template's tokens, a BOS only where it prints one
+        p = ours.encode_prompt("The sky.", "Who?", chat=True)
+        text = hf.apply_chat_template([{"role": "user", "content": "The sky.\n\nWho?"}], tokenize=False,
+                                      add_generation_prompt=True)
+        assert p.header[0] == hf(text, add_special_tokens=False)["input_ids"][0]
+        ids = p.header + p.context + p.question
+        assert ids.count(hf.bos_token_id) == (text.count(hf.bos_token) if hf.bos_token else 0)
+
+
+def test_bos_rule_per_folder(folders):
+    want = {"llama2_chat": "<s>", "mistral_instruct": "<s>", "llama3_instruct": "<|begin_of_text|>",
+            "qwen25_instruct": None, "smollm2_like": None, "smollm2": None}  # SmolLM2: bos_token named, none added
+    for name, path in folders.items():
+        if path is not None:
+            assert T.load_tokenizer(path).bos_token == want[name], name
+
+
+def test_the_rule_at_the_joins(folders):
+    """Every token holding a context character is a context token; one with no characters of its own goes
+    with the token after it."""
+    sp = T.load_tokenizer(folders["llama2_chat"])
+    p = sp.encode_prompt("The sky.", "Who?", chat=True)  # "[INST] The": the space is the template's, "▁The" ours
+    assert [sp.id_to_token(i) for i in p.header][-1] == "<0x5D>" and sp.id_to_token(p.context[0]) == "\u2581The"
+    p = sp.encode_prompt("\u03a9\u03bb first", "Who?")  # dummy "▁" and Ω's first byte: no characters
+    assert p.header == [sp.bos_id] and sp.decode(p.context) == "\u03a9\u03bb first"
+    assert sp.id_to_token(p.context[0]) == "\u2581" and sp.id_to_token(p.question[0]) == "Wh"
+    bpe = T.load_tokenizer(folders["llama3_instruct"])
+    p = bpe.encode_prompt("The sky is blue.", "Who?", chat=True)  # Llama 3 joins "." with the "\n\n" after it
+    assert bpe.id_to_token(p.context[-1]) == ".\u010a\u010a" and bpe.decode(p.question).startswith("Who?")
+
+
+@pytest.mark.parametrize("name", ["smollm2_like", "smollm2"])
+def test_smollm2_chat_header_keeps_its_first_token(folders, name):
+    """The old code stripped the bos_token text from the rendered template: SmolLM2's system turn lost its
+    <|im_start|>."""
+    if folders[name] is None:
+        pytest.skip("SmolLM2 not fetched (make model)")
+    tok = T.load_tokenizer(folders[name])
+    header = tok.encode_prompt("ctx", "q?", chat=True).header
+    assert tok.bos_id is None and header[0] == tok.token_id("<|im_start|>")
+    assert tok.decode(header).startswith("system\nYou are a helpful AI assistant")
+
+
+def chunk_inputs(tok, context, question, chat, chunk_size):
+    """[(chunk input ids, the text it stands for, whether both its cuts are at line or sentence ends, whether
+    it is a later chunk whose text does not start with a space)] for every chunk ParallelComp cuts. The text:
+    the header text, the characters the chunk's context tokens cover, the question text."""
+    import torch
+    p = tok.encode_prompt(context, question, chat)
+    prefix, rest = tok.chat_parts(question) if chat else ("", question)
+    text = prefix + context + rest
+    ids, spans = tok._spans(text)
+    lead = [] if chat else tok._lead
+    assert p.header + p.context + p.question == lead + ids
+    spans = spans[len(p.header) - len(lead):]  # from the first context token on
+    ctx, q_start = spans[:len(p.context)], spans[len(p.context)][0]
+    strength = P.boundary_strength(tok.token_texts)[torch.tensor(p.context)]
+    out = []
+    for s, e in P.split_chunks(strength, chunk_size):
+        natural = (s == 0 or strength[s - 1] > 0) and (e == len(p.context) or strength[e - 1] > 0)
+        out.append((p.header + p.context[s:e] + p.question,
+                    text[:ctx[0][0]] + text[ctx[s][0]:ctx[e - 1][1]] + text[q_start:],
+                    natural, s > 0 and not text[ctx[s][0]:].startswith(" ")))
+    return out
+
+
+LONG = ("The sky is blue. The grass is green!\nA river is happy after the storm. Café naïve 東京.\n"
+        "The pass key is 31415. Remember it. What a day?\nThe end of the story is near. Here we go again.")
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_every_chunk_input_is_the_text_it_stands_for(folders, name, chat):
+    """Every chunk input, cut anywhere, decodes to exactly the header text + the characters its context
+    tokens cover + the question text: nothing added or lost at the joins (the old code added a "▁" at each
+    SentencePiece join and lost the first token of SmolLM2's chat prefix)."""
+    if folders[name] is None:
+        pytest.skip("SmolLM2 not fetched (make model)")
+    tok, hf = T.load_tokenizer(folders[name]), transformers.AutoTokenizer.from_pretrained(folders[name])
+    if chat and not tok.chat_template:
+        pytest.skip("no chat template")
+    chunks = chunk_inputs(tok, LONG, "\n\nWhat is the pass key?", chat, chunk_size=12)
+    assert len(chunks) > 4
+    for ids, text, _, _ in chunks:
+        fresh = hf(text, add_special_tokens=not chat)["input_ids"]
+        assert tok.decode(ids) == tok.decode(fresh), text
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_chunk_ids_are_the_fresh_encoding_where_the_tokenizer_splits(folders, name, chat):
+    """The ids of a chunk cut at line / sentence ends are the tokenizer's own fresh encoding of the text it
+    stands for, wherever the tokenizer itself splits at both joins: all such chunks for SentencePiece with
+    --chat; without --chat all but the later chunks whose text does not start with a space, e.g. after a line
+    end (SentencePiece would give them a dummy-prefix "▁" of their own, not there inside the whole prompt);
+    for byte-level BPE when the question starts with a space (its pre-tokenizer joins a chunk's final "." or
+    "\n" with a question's leading newlines, e.g. Llama 3's ".\n\n", which is why the chat join is not tested
+    here for BPE)."""
+    if folders[name] is None:
+        pytest.skip("SmolLM2 not fetched (make model)")
+    tok, hf = T.load_tokenizer(folders[name]), transformers.AutoTokenizer.from_pretrained(folders[name])
+    sentencepiece = tok._sp is not None
+    if chat and not (tok.chat_template and sentencepiece):
+        pytest.skip("the chat join of a byte-level BPE is not a split point (see the docstring)")
+    question = "\n\nWhat is the pass key?" if chat else " What is the pass key?"
+    chunks = chunk_inputs(tok, LONG + " " + LONG, question, chat, chunk_size=20)
+    checked = unspaced_seen = 0
+    for ids, text, natural, unspaced in chunks:
+        if not natural:
+            continue
+        fresh = hf(text, add_special_tokens=not chat)["input_ids"]
+        if sentencepiece and not chat and unspaced:
+            unspaced_seen += 1
+            assert ids != fresh and tok.decode(ids) == tok.decode(fresh)  # the one documented difference
+            continue
+        assert ids == fresh, text
+        checked += 1
+    assert checked >= 3 and (unspaced_seen >= 1 or chat or not sentencepiece)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the chat template comes from, and what it may use
+
+def test_chat_template_jinja_file_wins_over_tokenizer_config(folders, tmp_path):
+    path = shutil.copytree(folders["llama2_chat"], tmp_path / "both")
+    write(path, "chat_template.jinja", MISTRAL_INSTRUCT)  # tokenizer_config.json still holds LLAMA2_CHAT
+    ours, hf = T.load_tokenizer(str(path)), transformers.AutoTokenizer.from_pretrained(str(path))
+    assert ours.chat_template == MISTRAL_INSTRUCT == hf.chat_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(Exception, match="alternate"):  # Mistral's template refuses a system turn; Llama 2's not
+        hf.apply_chat_template(messages, tokenize=False)
+    with pytest.raises(T.CheckpointError, match="alternate"):
+        ours.render_chat(messages)
+
+
+def test_named_chat_templates_use_default(folders, tmp_path):
+    path = str(shutil.copytree(folders["llama3_instruct"], tmp_path / "named"))
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = [{"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+                            {"name": "default", "template": LLAMA3_INSTRUCT}]
+    write(path, "tokenizer_config.json", cfg)
+    ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.chat_template == LLAMA3_INSTRUCT
+    p = ours.encode_prompt("The sky.", "Who?", chat=True)
+    ref = hf.apply_chat_template([{"role": "user", "content": "The sky.\n\nWho?"}], tokenize=True,
+                                 add_generation_prompt=True)
+    assert p.header + p.context + p.question == ids_of(ref)
+
+
+# transformers' extras: strftime_now (Llama 3.1+ print today's date), {% break %} / {% continue %}, tojson
+# without HTML escaping, namespace(), raise_exception
+EXTRAS = (
+    "{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "Today Date: {{ strftime_now('%d %b %Y') }}\n{{ {'k': '<&>'} | tojson }}\n{{ m['content'] }}<|eot_id|>"
+    "{% break %}{% endfor %}{% if ns.n == 0 %}{{ raise_exception('no user turn') }}{% endif %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_template_extras_render_as_in_transformers(folders, tmp_path):
+    path = str(shutil.copytree(folders["llama3_instruct"], tmp_path / "extras"))
+    write(path, "chat_template.jinja", EXTRAS)
+    ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "system", "content": "skipped"}, {"role": "user", "content": "first"},
+                {"role": "user", "content": "never rendered"}]
+    text = ours.render_chat(messages)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from datetime import datetime
+    assert f"Today Date: {datetime.now().strftime('%d %b %Y')}\n" in text and '{"k": "<&>"}' in text
+    assert "skipped" not in text and "never rendered" not in text
+    p = ours.encode_prompt("The sky.", "Who?", chat=True)
+    ref = hf.apply_chat_template([{"role": "user", "content": "The sky.\n\nWho?"}], tokenize=True,
+                                 add_generation_prompt=True)
+    assert p.header + p.context + p.question == ids_of(ref)
+    with pytest.raises(T.CheckpointError, match="no user turn"):
+        ours.render_chat([{"role": "system", "content": "only"}])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding ids the tokenizer does not have
+
+def test_decode_skips_ids_it_cannot_decode_and_says_so_once(folders, tmp_path, capsys):
+    """A tokenizer.model folder with added tokens past the SentencePiece model (added_tokens_decoder) and a
+    model vocabulary larger still: such ids used to crash decode with an IndexError."""
+    path = str(shutil.copytree(folders["llama2_chat"], tmp_path / "extra"))
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    cfg["added_tokens_decoder"].update(added_tokens_decoder({"512": "<|tool|>"}))
+    cfg["added_tokens_decoder"]["513"] = dict(cfg["added_tokens_decoder"]["512"], content="<plain>", special=False)
+    write(path, "tokenizer_config.json", cfg)
+    ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.vocab_size == 514 == len(hf) and len(ours.token_texts) == 514
+    assert ours.token_id("<|tool|>") == 512 and ours.id_to_token(513) == "<plain>"
+    ids = ours.encode("the sky") + [512, 513] + ours.encode("is blue")
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert capsys.readouterr().err == ""
+    assert ours.decode(ids + [600, 9999]) == ours.decode(ids)  # the model's extra ids: left out...
+    assert ours.decode([600]) == ""
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "600" in err  # ... and said so once
+    p = ours.encode_prompt("Use <|tool|> now.", "Why?")  # added tokens in text are single tokens, as there
+    assert p.header + p.context + p.question == hf("Use <|tool|> now.Why?")["input_ids"]
+
+
+def test_tokenizer_json_decode_of_unknown_ids_says_so(folders, capsys):
+    tok = T.load_tokenizer(folders["llama3_instruct"])
+    ids = tok.encode("the sky")
+    assert tok.decode(ids + [tok.vocab_size + 5]) == "the sky"
+    assert "warning" in capsys.readouterr().err
