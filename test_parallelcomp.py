@@ -42,7 +42,8 @@ def test_one_chunk_equals_plain_model(loaded):
     result = pc.answer(model, tok, context, QUESTION, pc.ParallelCompConfig(keep_chunks=1), max_new_tokens=12,
                          trace=True)
     assert result.stats["chunks_total"] == 1
-    ids = [tok.bos_id] + tok.encode(context) + tok.encode(QUESTION)
+    prompt = tok.encode_prompt(context, QUESTION)
+    ids = prompt.header + prompt.context + prompt.question
     with torch.no_grad():
         ref = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
     torch.testing.assert_close(result.trace["first_logits"], ref, atol=1e-5, rtol=0)
@@ -54,7 +55,8 @@ def test_full_baseline_equals_plain_model(loaded):
     model, tok = loaded
     context = context_text(2, 30)
     result = pc.answer(model, tok, context, QUESTION, method="full", max_new_tokens=8)
-    ids = [tok.bos_id] + tok.encode(context) + tok.encode(QUESTION)
+    prompt = tok.encode_prompt(context, QUESTION)
+    ids = prompt.header + prompt.context + prompt.question
     assert result.ids == plain_greedy(model, ids, 8, set(tok.stop_ids))
 
 
@@ -524,7 +526,8 @@ def test_stop_tokens_end_generation(loaded):
     """A stop token ends generation wherever it comes (first token, mid-generation), is not emitted, and any
     of several stop ids (Llama 3 has more than one) stops it."""
     model, tok = loaded
-    ids = [tok.bos_id] + tok.encode(context_text(13, 10)) + tok.encode(QUESTION)
+    prompt = tok.encode_prompt(context_text(13, 10), QUESTION)
+    ids = prompt.header + prompt.context + prompt.question
 
     def run(stop_ids, n=8):
         with torch.no_grad():

@@ -12,17 +12,17 @@ question is depends on what the context says: that is the signal ParallelComp ra
 With a single fixed name, a model learns only that some question follows a needle, and chunk ranking would
 rest on one token.
 
-Token layout, for training and for generation alike: the three texts are encoded separately (each encode
-adds SentencePiece's leading-space marker) and laid out as
+Token layout, for training and for generation alike: the tokenizer's own encoding of the text
 
-    [BOS] + encode(context) + encode(question) + encode(answer) + [EOS]
+    context + question + " " + answer,   then EOS        (the question starts with a space: " What is ...")
 
-so the model's greedy continuation of `[BOS] + context + question` is the answer's digits, then EOS (the
-stop). The filler holds no digits and none of the needle names, and every sentence ends with '.'; sentences
+as ParallelComp feeds a prompt (tokenizer.encode_prompt: [BOS] and the whole text encoded once), so the
+model's greedy continuation of the prompt `context + question` is the answer's digits, then EOS (the stop).
+With this SentencePiece model that is token for token what encoding the three parts separately gives (each
+with its leading-space marker), the layout the committed demo model was trained on. The filler holds no digits and none of the needle names, and every sentence ends with '.'; sentences
 are grouped in short lines and paragraphs, so a chunker finds a line end in every few dozen tokens.
 
-Pure Python (plus any tokenizer with `encode(text) -> ids`, `bos_id` and `stop_ids`, such as
-tokenizer.Tokenizer); deterministic given the `random.Random` passed in.
+Pure Python (plus a tokenizer.Tokenizer, or any tokenizer with `encode`, `encode_prompt` and `stop_ids`); deterministic given the `random.Random` passed in.
 """
 from __future__ import annotations
 
@@ -87,17 +87,17 @@ NAMES = ("pass key", "secret code", "door number", "vault pin", "access code", "
 def make_needle(rng: random.Random) -> tuple[str, str, str]:
     """(needle sentence, question, answer) for a random name and a random 5-digit key."""
     name, key = rng.choice(NAMES), str(rng.randint(10000, 99999))
-    return f"The {name} is {key}. Remember it.", f"What is the {name}?", key
+    return f"The {name} is {key}. Remember it.", f" What is the {name}?", key
 
 
 def example_ids(tokenizer, context: str, question: str, answer: str | None = None) -> list[int]:
-    """[BOS] + context + question (+ answer + EOS when an answer is given), each part encoded separately.
+    """The prompt context + question as ParallelComp encodes it (tokenizer.encode_prompt), or with an answer the
+    training sequence: the text context + question + " " + answer encoded the same way, then EOS.
 
     Without an answer this is the prompt whose greedy continuation is the answer's digits, then EOS."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(context) + tokenizer.encode(question)
-    if answer is not None:
-        ids += tokenizer.encode(answer) + [eos_id(tokenizer)]
-    return ids
+    p = tokenizer.encode_prompt(context, question if answer is None else f"{question} {answer}")
+    ids = p.header + p.context + p.question
+    return ids if answer is None else ids + [eos_id(tokenizer)]
 
 
 def eos_id(tokenizer) -> int:
@@ -123,7 +123,7 @@ def make_example(rng: random.Random, tokenizer, n_tokens: int, depth: float | No
     ending = rng.choice(ENDINGS) if ending is None else ending
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    fixed = 2 + len(tokenizer.encode(question)) + len(tokenizer.encode(answer))  # BOS, EOS, question, answer
+    fixed = 2 + len(tokenizer.encode(question.lstrip())) + len(tokenizer.encode(answer))  # BOS, EOS, question, answer
     needle += separator(rng)
     before: list[str] = []
     after: list[str] = []

@@ -41,7 +41,7 @@ def run_demo(length: int = 131072, full_length: int = 16384, seed: int | None = 
         result = pc.answer(model, tok, context, question, ParallelCompConfig(keep_chunks=1), method=method,
                           max_new_tokens=8)
         rows.append((method, n_tokens, question, answer, result.text.strip(), time.perf_counter() - t0))
-    print(f"question: {rows[0][2]}   (the key is {rows[0][3]})")
+    print(f"question: {rows[0][2].strip()}   (the key is {rows[0][3]})")
     for method, n_tokens, _, answer, text, seconds in rows:
         verdict = "correct" if text == answer else "wrong"
         print(f"{method:>13} over {n_tokens:>7,} tokens ({n_tokens / window:.0f}x the trained window): "

@@ -57,7 +57,7 @@ def train_tokenizer(out_dir: str, vocab_size: int, seed: int) -> None:
             for _ in range(3000):
                 f.write(make_haystack(rng, rng.randint(1, 3)).replace("\n", " ").strip() + "\n")
                 needle, question, answer = make_needle(rng)
-                f.write(f"{needle}\n{question}\n{answer}\n")
+                f.write(f"{needle}\n{question.strip()}\n{answer}\n")
         spm.SentencePieceTrainer.Train(
             input=corpus, model_prefix=os.path.join(tmp, "tokenizer"), vocab_size=vocab_size, model_type="bpe",
             character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
@@ -94,8 +94,8 @@ def batch(rng: random.Random, tok, size: int, window: int) -> tuple[torch.Tensor
     for _ in range(size):
         context, question, answer = make_example(rng, tok, rng.randint(window // 2, window), ending=None)
         seqs.append(example_ids(tok, context, question, answer))
-        question_lens.append(len(tok.encode(question)))
-        answer_lens.append(len(tok.encode(answer)) + 1)
+        question_lens.append(len(tok.encode_prompt(context, question).question))
+        answer_lens.append(len(seqs[-1]) - len(example_ids(tok, context, question)))  # digits and EOS
     t = max(map(len, seqs)) - 1
     inputs = torch.zeros(size, t, dtype=torch.long)
     targets = torch.full((size, t), -100, dtype=torch.long)

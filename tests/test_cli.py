@@ -69,10 +69,11 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
         torch.testing.assert_close(trace[name], value, rtol=0, atol=1e-5, msg=name)
 
     # the documented names, shapes and dtypes
-    n, q, c = len(tok.encode(text)), len(tok.encode(QUESTION)), len(trace["chunk_bounds"])
+    prompt = tok.encode_prompt(text, QUESTION)  # the whole text encoded once, split at the context's ends
+    n, q, c = len(prompt.context), len(prompt.question), len(trace["chunk_bounds"])
     hkv, n_layers, vocab = model.args.n_kv_heads, model.args.n_layers, model.args.vocab_size
-    assert trace["context_ids"].tolist() == tok.encode(text) and trace["context_ids"].shape == (n,)
-    assert trace["question_ids"].tolist() == tok.encode(QUESTION) and trace["question_ids"].shape == (q,)
+    assert trace["context_ids"].tolist() == prompt.context and trace["context_ids"].shape == (n,)
+    assert trace["question_ids"].tolist() == prompt.question and trace["question_ids"].shape == (q,)
     bounds = trace["chunk_bounds"].tolist()
     assert trace["chunk_bounds"].shape == (c, 2) and c >= 7
     assert bounds[0][0] == 0 and bounds[-1][1] == n and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
@@ -112,7 +113,8 @@ def test_cli_method_full_equals_plain_greedy_decoding(ckpt, tmp_path):
     assert code == 0, err
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     context, question = generate.split_question(prompt.read_text(encoding="utf-8"), None)
-    tokens = [tok.bos_id] + tok.encode(context) + tok.encode(question)
+    prompt = tok.encode_prompt(context, question)
+    tokens = prompt.header + prompt.context + prompt.question
     assert len(tokens) + 10 <= model.args.trained_window
     ref = plain_greedy(model, tokens, 10, tok.stop_ids)
     assert len(ref) > 0

@@ -27,3 +27,17 @@ def test_demo_command_runs(capsys):
     assert "parallelcomp over   2,048 tokens" in out and "full over     512 tokens" in out
     pc_line = next(line for line in out.splitlines() if "parallelcomp over" in line)
     assert " correct " in pc_line  # 8x the window: the needle chunk is found and read
+
+
+def test_demo_layout_is_what_the_committed_model_was_trained_on():
+    """The demo's prompt text (the question starts with a space) encoded once as ParallelComp encodes it gives,
+    token for token, the layout demo/model was trained on: [BOS] + context, question and answer each encoded
+    on its own (each with SentencePiece's leading-space marker) + EOS."""
+    from demo.passkey import example_ids
+    tok = load_tokenizer(MODEL_DIR)
+    for seed in range(40):
+        context, question, answer = make_example(random.Random(seed), tok, 300, ending=None)
+        separate = [tok.bos_id] + tok.encode(context) + tok.encode(question.lstrip()) + tok.encode(answer)
+        assert example_ids(tok, context, question, answer) == separate + [tok.stop_ids[0]], seed
+        assert example_ids(tok, context, question) == separate[:len(separate) - len(tok.encode(answer))], seed
+
