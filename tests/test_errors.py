@@ -187,7 +187,7 @@ def test_a_few_undecodable_bytes_are_replaced_with_a_warning(capsys, ckpt, tmp_p
     (["--question", "bad \udcff byte"], ["--question is not valid UTF-8"]),  # how Python passes on non-UTF-8 argv
     (["--question", "q", "--question-file", "q.txt"], ["--question or --question-file, not both"]),
     (["--question", "word " * 300], ["tokens, longer than the model's trained window (256)"]),
-    (["--question", "the " * 220, "--max-new-tokens", "60"], ["(221 tokens) plus max_new_tokens (60) leave no room"]),
+    (["--question", " the" * 220, "--max-new-tokens", "60"], ["(220 tokens) plus max_new_tokens (60) leave no room"]),
 ])
 def test_bad_question_is_one_line(capsys, ckpt, prompt, argv, words):
     fails_with(capsys, words, "--ckpt", ckpt, "--prompt-file", prompt, *argv)
