@@ -2,9 +2,11 @@
 
     python generate.py --ckpt DIR --prompt-file FILE --question "..."     # 128K tokens on one GPU
     python generate.py                                                   # the built-in passkey demo (CPU)
+    torchrun --nproc-per-node 8 generate.py --ckpt DIR ...               # chunk prefill over 8 GPUs (README)
 
 stdout carries only the generated text, streamed; progress and a closing stats block go to stderr.
-Bad input ends with one line on stderr and exit code 2; Ctrl-C with exit code 130.
+Bad input ends with one line on stderr and exit code 2; Ctrl-C with exit code 130. Under torchrun only rank 0
+writes to stdout, prints stats and errors, and writes --dump.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import distributed
 from model import CheckpointError, load_args, load_model
 from parallelcomp import ConfigError, ParallelCompConfig, answer, parse_calibration
 from tokenizer import load_tokenizer
@@ -171,6 +174,10 @@ def print_stats(stats: dict, device: torch.device) -> None:
     if stats["method"] == "parallelcomp":
         lines.append(f"chunks            {stats['chunks_kept']} kept of {stats['chunks_total']} "
                      f"(chunk size {stats['chunk_size']} tokens)")
+    if "ranks" in stats:
+        lines.append(f"ranks             {stats['ranks']}: chunk prefill " +
+                     ", ".join(f"{t:.2f}" for t in stats["rank_prefill_s"]) + " s; moved to rank 0: "
+                     f"{stats['kv_bytes_moved'] / 2**20:.2f} MiB of K/V, {stats['report_bytes']:,} bytes of reports")
     lines += [f"cache             {stats['cache_tokens']} tokens per KV head, {stats['cache_bytes'] / 2**20:.1f} MiB",
               f"prefill           {stats['prefill_s']:.2f} s",
               f"decode            {stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s",
@@ -181,7 +188,9 @@ def print_stats(stats: dict, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Main
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace, first: bool, rank_device: torch.device | None):
+    """Check every input and option, then load the model: (context, question, config, tokenizer, model, device).
+    first: this process writes --dump; rank_device: this rank's device under torchrun."""
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -196,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-prompt-mb must be positive, got {args.max_prompt_mb}")
     if args.question is not None and args.question_file is not None:
         raise UsageError("give --question or --question-file, not both")
-    if args.dump:
+    if args.dump and first:
         check_writable(args.dump)
     prompt = read_prompt(args.prompt_file, args.max_prompt_mb)
     question = args.question
@@ -218,18 +227,42 @@ def run(args: argparse.Namespace) -> int:
                               f"{model_args.vocab_size}; the tokenizer files belong to another model")
     if args.chat:
         tokenizer.chat_parts("?")  # a missing or broken chat template fails here, before the weights load
-    model = load_model(args.ckpt, device=device, dtype=dtype)
-    stream = Stream()
+    if rank_device is not None and device.type == "cuda":
+        device = rank_device  # cuda:LOCAL_RANK
+    return context, question, cfg, tokenizer, load_model(args.ckpt, device=device, dtype=dtype), device
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    group = rank_device = None
+    if distributed.launched():  # under torchrun this process is one rank
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        group, rank_device = distributed.setup("cuda" if cuda else "cpu", args.dist_timeout)
+    first = distributed.is_first(group)
+    with distributed.together(group):  # bad input seen by any rank ends every rank here, before any work
+        context, question, cfg, tokenizer, model, device = prepare(args, first, rank_device)
+    with distributed.together(group):  # every rank stays until rank 0 has decoded and written (or failed)
+        respond(args, context, question, cfg, tokenizer, model, device, group)
+    return 0
+
+
+def respond(args, context, question, cfg, tokenizer, model, device, group) -> None:
+    """Answer, streaming the text to stdout, then print the stats and write --dump (on rank 0 only)."""
+    first, stream = distributed.is_first(group), Stream()
     try:
         result = answer(model, tokenizer, context, question, cfg, method=args.method, chat=args.chat,
                         full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                        progress=Progress(sys.stderr.isatty()), on_text=stream, trace=bool(args.dump))
+                        progress=Progress(sys.stderr.isatty()) if first else None, on_text=stream if first else None,
+                        trace=bool(args.dump), group=group)
     except ConfigError as e:
         if e.about == "question" and args.question is None and args.question_file is None:
             raise ConfigError(f"{e} (no --question was given, so the prompt file's last paragraph is the "
                               "question)") from None
         raise
+    if result is None:
+        return  # another rank decodes
     stream.finish(result.text)
     print_stats(result.stats, device)
     if args.dump:
@@ -239,12 +272,12 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UsageError(f"--dump {args.dump}: writing failed ({e.strerror})") from None
         print(f"trace written to {args.dump}", file=sys.stderr)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0, 2 for bad input, 130 when interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *a, **k: None  # torchrun: rank 0 speaks
     try:
         if not argv:
             if importlib.util.find_spec("demo.run") is None:
@@ -254,18 +287,23 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         return run(build_parser().parse_args(argv))
     except (UsageError, CheckpointError, ConfigError) as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
+        say("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return 2
+    except distributed.RankFailed as e:
+        say(f"error: {e}", file=sys.stderr)
+        return 2 if e.bad_input else 1
     except torch.OutOfMemoryError:
-        print("error: out of memory; lower --chunk-batch, set --kv-capacity, or use a smaller --max-new-tokens",
-              file=sys.stderr)
+        say("error: out of memory; lower --chunk-batch, set --kv-capacity, or use a smaller --max-new-tokens",
+            file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        say("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
         return 141
+    finally:
+        distributed.close()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
     p.add_argument("--max-prompt-mb", type=float, default=64,
                    help="refuse prompt files larger than this many MiB (default 64, about 16M tokens)")
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="under torchrun: seconds a rank waits for the others before giving up (default 600)")
     p.add_argument("--dump", help="write the stage-by-stage trace to this .safetensors file (README: trace format)")
     return p
 

@@ -331,10 +331,11 @@ class ChunkCache:
 
 @torch.inference_mode()
 def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
-                   bounds: list[tuple[int, int]], cfg: ParallelCompConfig, progress=None):
+                   bounds: list[tuple[int, int]], cfg: ParallelCompConfig, progress=None, first_index: int = 0):
     """Stages 2-3 over the stream of chunks: `chunk_batch` chunk inputs per forward, right-padded, each at
     positions 0..n_c-1 (position reuse), logits only at the rows that predict question tokens; the queue
     keeps the `keep_chunks` best. Returns (kept chunks in document order, all scores [C] in document order).
+    first_index: the index of bounds[0] among all chunks (a rank of distributed.py encodes a block of them).
     """
     device, n_h, n_q = context.device, len(header), len(question)
     queue, scores = ChunkQueue(cfg.keep_chunks), torch.empty(len(bounds))
@@ -353,8 +354,8 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
         batch_scores = question_nll(logits, question)
         for b, (start, end) in enumerate(batch):
             scores[first + b] = batch_scores[b]
-            queue.push(EncodedChunk(first + b, start, end, float(batch_scores[b]), cache.kept_k[b], cache.kept_v[b],
-                                    cache.kept[b]))
+            queue.push(EncodedChunk(first_index + first + b, start, end, float(batch_scores[b]), cache.kept_k[b],
+                                    cache.kept_v[b], cache.kept[b]))
         del cache, logits
         if progress is not None:
             progress(min(first + cfg.chunk_batch, len(bounds)), len(bounds))
@@ -530,16 +531,27 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: i
 
 @torch.inference_mode()
 def run_parallelcomp(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
-                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None, bos_id: int | None = None):
+                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None, bos_id: int | None = None,
+                     group=None):
     """Stages 1-6 on token ids (cfg.chunk_size set). strength: [N] boundary strength of the context tokens.
-    Returns (cache, logits of the last question token, next position, info dict for stats and the trace)."""
+    Returns (cache, logits of the last question token, next position, info dict for stats and the trace).
+    group: a torch.distributed process group whose ranks share the chunk prefill (distributed.py); rank 0
+    goes on with stages 4-6, the other ranks return None."""
     bounds = split_chunks(strength, cfg.chunk_size)
-    kept, scores = prefill_chunks(model, header, context, question, bounds, cfg, progress)
+    ranks = {}
+    if group is None:
+        kept, scores = prefill_chunks(model, header, context, question, bounds, cfg, progress)
+    else:
+        from distributed import prefill_chunks_distributed  # torch.distributed stays out of this file
+        out = prefill_chunks_distributed(model, header, context, question, bounds, cfg, progress, group)
+        if out is None:
+            return None
+        kept, scores, ranks = out
     cache, m = assemble_cache(kept, len(header))
     if cfg.question_bos and bos_id is not None:
         question = torch.cat([question.new_tensor([bos_id]), question])
     logits = prefill_question(model, cache, question, m, cfg)
-    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache}
+    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache, **ranks}
     return cache, logits, m + len(question), info
 
 
@@ -614,11 +626,13 @@ def cache_bytes(cache: KVCache) -> int:
 def answer(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
            method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
            seed: int | None = None, chat: bool = False, full_max_tokens: int | None = None,
-           progress=None, on_text=None, trace: bool = False) -> Result:
+           progress=None, on_text=None, trace: bool = False, group=None) -> Result | None:
     """Answer `question` about `context`: tokenize (tokenizer.encode_prompt: header, context and question ids,
     with the chat template when `chat`), prefill with `method` ("parallelcomp", or "full": the baseline;
     `full_max_tokens` middle-truncates its context), decode, and report stats (and the trace when asked).
-    progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token."""
+    progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token.
+    group: a torch.distributed process group (distributed.setup() joins torchrun's) whose ranks share the chunk
+    prefill; every rank calls answer with the same arguments, rank 0 returns the Result, the others None."""
     if method not in ("parallelcomp", "full"):
         raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
     cfg, args, device = config or ParallelCompConfig(), model.args, next(model.parameters()).device
@@ -635,10 +649,18 @@ def answer(model: Transformer, tokenizer, context: str, question: str, config: P
     t0 = time.perf_counter()
     if method == "parallelcomp":
         strength = boundary_strength(tokenizer.token_texts)[context_ids.cpu()]
-        cache, logits, next_pos, info = run_parallelcomp(model, header, context_ids, question_ids, cfg, strength,
-                                                         progress, tokenizer.bos_id)
+        out = run_parallelcomp(model, header, context_ids, question_ids, cfg, strength, progress, tokenizer.bos_id,
+                               group)
+        if out is None:
+            return None  # another rank decodes
+        cache, logits, next_pos, info = out
+        if group is not None:
+            stats.update(ranks=len(info["rank_prefill_s"]), rank_prefill_s=info["rank_prefill_s"],
+                         kv_bytes_moved=info["kv_bytes_moved"], report_bytes=info["report_bytes"])
         stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=cfg.chunk_size,
                      cache_tokens=round(sum(o.shape[1] for o in cache.offset) / len(cache.offset)))
+    elif group is not None and group.rank() != 0:
+        return None  # the baseline runs on rank 0 alone
     else:
         ctx = context_ids if full_max_tokens is None else middle_truncate(
             context_ids, max(0, full_max_tokens - len(header) - len(question_ids)))
@@ -670,6 +692,8 @@ def make_trace(info: dict) -> dict[str, torch.Tensor]:
     trace = {"chunk_bounds": torch.tensor(info["bounds"], dtype=torch.long),
              "chunk_scores": info["scores"].float(),
              "kept_chunks": torch.tensor(info["kept"], dtype=torch.long)}
+    if "chunk_rank" in info:
+        trace["chunk_rank"] = info["chunk_rank"]  # distributed: the rank that encoded each chunk
     for layer in range(len(cache.k)):
         trace[f"kv_kept.{layer}"] = cache.kv_offsets[layer].to("cpu", copy=True)  # own memory: safetensors
         trace[f"calibration_kept.{layer}"] = cache.offset[layer].to("cpu", copy=True)  # refuses shared storage
