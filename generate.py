@@ -79,10 +79,13 @@ def check_utf8(text: str, flag: str) -> None:
 
 def split_question(prompt: str, question: str | None) -> tuple[str, str]:
     """(context, question). Without --question the prompt's last paragraph (after the last blank line) is the
-    question, and everything before it the context."""
+    question, and everything before it the context. The model reads context + question as one text, so a
+    --question that would run on from the file's last word (no white space between them) starts a new line."""
     if question is not None:
         if not question.strip():
             raise UsageError("the question is empty; pass a non-empty --question")
+        if not prompt[-1:].isspace() and not question[:1].isspace():
+            prompt += "\n"
         return prompt, question
     body = prompt.rstrip()
     cut = body.rfind("\n\n")

@@ -155,3 +155,12 @@ def test_stream_holds_back_a_character_until_its_last_byte(ckpt, capsys):
     stream(tok.decode(ids[:3]))  # "ab" + an incomplete character: held back ...
     stream.finish(tok.decode(ids[:3]))  # ... until the end, where it is what the model said
     assert capsys.readouterr().out == "ab\ufffd\n"
+
+
+def test_question_flag_never_runs_on_from_the_files_last_word():
+    """context + question is one text: a file without a final line end gets one before the question."""
+    assert generate.split_question("The key is 4.", "What is the key?") == ("The key is 4.\n", "What is the key?")
+    assert generate.split_question("The key is 4.\n", "What?") == ("The key is 4.\n", "What?")
+    assert generate.split_question("The key is 4.", " What?") == ("The key is 4.", " What?")
+    assert generate.split_question("A.\n\nB.\n\nWhat?\n", None) == ("A.\n\nB.\n\n", "What?")
+
