@@ -328,9 +328,12 @@ def test_a_million_tokens_on_cpu_in_bounded_memory(tmp_path):
 # Ctrl-C
 
 def test_ctrl_c_during_prefill_exits_130_without_traceback(ckpt, million):
+    # a shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "generate.py", "--ckpt", ckpt, "--device", "cpu", "--prompt-file",
                              million, "--max-new-tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # without a terminal, progress comes as a line per 10% of the chunks
         seen.append(line)
