@@ -5,7 +5,7 @@
     python -m eval.synthetic --write eval/runs/tasks --tasks passkey --lengths 8k --n 5 --ckpt DIR
         # only write the examples as JSONL (for python -m eval.run --benchmark synthetic)
 
-Each example's record is appended to --out as soon as it is done, keyed by (setting, task, length, i); a rerun
+Each example's record is appended to --out as soon as it is done, keyed by (setting, task, length, i, depth); a rerun
 skips the keys already there, so a long run can be stopped and resumed. `python -m eval.report` makes the
 tables. Lengths are total prompt tokens in the evaluated model's tokenizer; "16k" is 16,384.
 """
@@ -47,7 +47,7 @@ def done_keys(path: str) -> set:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
-                    keys.add((r["setting"], r["task"], r["target_length"], r["i"]))
+                    keys.add((r["setting"], r["task"], r["target_length"], r["i"], r["depth"]))
     return keys
 
 
@@ -106,9 +106,9 @@ def run_grid(args, tok, maker, tasks, lengths) -> None:
         cfg = make_config(argparse.Namespace(**{**vars(args), "keep_chunks": keep}), model.args.n_layers)
         for length in lengths:
             for i in range(args.n):
-                if (setting, task, length, i) in done:
-                    continue
                 ex = maker.make(task, length, i, args.n)
+                if (setting, task, length, i, ex["depth"]) in done:
+                    continue
                 job = {"context": ex["context"], "question": ex["input"], "answers": ex["answers"],
                        "all_classes": None, "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task],
                        "chat_ok": False}

@@ -11,6 +11,7 @@ for full attention and ParallelComp.
 
 Tasks (`TASKS`):
   passkey, number_string   InfiniteBench's construction: the noise line repeated, one needle sentence
+  passkey_bare             passkey with the question alone ("What is the pass key? The pass key is")
   kv_retrieval             InfiniteBench: a JSON object of random UUID key/value pairs; ask for one key
   niah_single              RULER: "One of the special magic numbers for KEY is: N." in the noise
   niah_multikey            RULER: the same with 3 distractor needles for other keys
@@ -182,6 +183,9 @@ def _vt(rng, depth, hops=4):
 
 TASKS = {
     "passkey": _passkey,
+    # the same haystack and needle with the bare question, no instruction: a sharper ranking signal (I_c
+    # averages over every question token), a weaker read (see README)
+    "passkey_bare": lambda rng, d: ("",) + _passkey(rng, d)[1:],
     "number_string": _number_string,
     "kv_retrieval": None,  # TaskMaker._kv: the haystack is the JSON object itself
     "niah_single": lambda rng, d: _niah(rng, d),
@@ -191,7 +195,7 @@ TASKS = {
     "vt": _vt,
     "kjv_niah": lambda rng, d: _niah(rng, d, haystack="kjv"),
 }
-MAX_NEW_TOKENS = {"passkey": 6, "number_string": 12, "kv_retrieval": 50, "niah_single": 12, "niah_multikey": 12,
+MAX_NEW_TOKENS = {"passkey": 6, "passkey_bare": 6, "number_string": 12, "kv_retrieval": 50, "niah_single": 12, "niah_multikey": 12,
                   "niah_multivalue": 48, "niah_multiquery": 48, "vt": 30, "kjv_niah": 12}
 
 
@@ -221,7 +225,7 @@ class TaskMaker:
             return self._kv(rng, length, depth)
         instruction, needles, question, answers, kind = TASKS[task](rng, depth)
         hay = self.haystack(kind)
-        question = "\n" + instruction.strip() + " " + question.strip()
+        question = "\n" + (instruction.strip() + " " if instruction else "") + question.strip()
         budget = length - self.ntok(question) - sum(self.ntok(s) for _, s in needles)
         start = rng.randrange(len(hay.units)) if kind == "kjv" else 0
         for _ in range(3):  # the joined text can take a few more tokens than its lines apart: measure, shrink
