@@ -31,3 +31,8 @@ run --setting fullkv --method full --full-max-tokens 8192 --tasks passkey --leng
 run --setting pc2k-kv1000 --chunk-size 2000 --kv-capacity 1000 --tasks passkey --lengths 16k --n 1
 run --setting pc2k-calib --chunk-size 2000 --calibration paper --tasks passkey --lengths 16k --n 1
 run $FULL --tasks $OTHER --lengths 4k --n 1
+# 5. the bare question (ranking against reading), more 64K passkeys, perplexity at 16K
+run $PC2K --tasks passkey_bare --lengths 64k --n 2
+run $PC2K --tasks passkey --lengths 64k --n 3
+"$PY" -m eval.perplexity --ckpt "$M" --lengths 16k --full-limit 16k --out eval/runs/perplexity.jsonl
+run $FULL --tasks passkey_bare --lengths 8k --n 2
