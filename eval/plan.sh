@@ -36,3 +36,4 @@ run $PC2K --tasks passkey_bare --lengths 64k --n 2
 run $PC2K --tasks passkey --lengths 64k --n 3
 "$PY" -m eval.perplexity --ckpt "$M" --lengths 16k --full-limit 16k --out eval/runs/perplexity.jsonl
 run $FULL --tasks passkey_bare --lengths 8k --n 2
+run $PC2K --tasks niah_single --lengths 32k --n 2
