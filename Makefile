@@ -23,12 +23,12 @@ test: .venv/done model
 eval-deps:
 	command -v bible >/dev/null || (apt-get update -q && apt-get install -y -q bible-kjv)
 
-# the README's SmolLM2 tables: runs eval/plan.sh (about 90 minutes on 2 CPU cores; resumable), then the report
+# the README's SmolLM2 tables: runs eval/plan.sh (about 85 minutes on 2 busy CPU cores; resumable), then the report
 eval-real: model eval-deps
 	bash eval/plan.sh $(SMOLLM2)
 	$(PY) -m eval.report eval/runs/results.jsonl
 
-# a passkey in a 32K-token haystack with SmolLM2, and full attention failing at 16K (a few minutes on 2 cores)
+# a passkey in a 32K-token haystack with SmolLM2, and full attention failing at 16K (about 5 minutes on 2 cores)
 demo-real: model
 	$(PY) -m eval.demo_real --ckpt $(SMOLLM2)
 
