@@ -28,7 +28,7 @@ eval-real: model eval-deps
 	bash eval/plan.sh $(SMOLLM2)
 	$(PY) -m eval.report eval/runs/results.jsonl
 
-# a passkey in a 32K-token haystack with SmolLM2, and full attention failing at 16K (about 5 minutes on 2 cores)
+# a passkey in a 32K-token haystack with SmolLM2, and full attention failing at 16K (about 3.5 minutes on 2 busy cores)
 demo-real: model
 	$(PY) -m eval.demo_real --ckpt $(SMOLLM2)
 
