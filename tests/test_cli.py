@@ -57,7 +57,8 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
 
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     cfg = ParallelCompConfig(chunk_size=60, keep_chunks=2, kv_capacity=30, calibration=paper_calibration(2))
-    api = answer(model, tok, text, QUESTION, cfg, max_new_tokens=12, trace=True)
+    text, question = generate.split_question(text, QUESTION)  # what the CLI makes of the file and the flag
+    api = answer(model, tok, text, question, cfg, max_new_tokens=12, trace=True)
     assert len(api.ids) > 0
     assert out == api.text + "\n"  # stdout carries the generated text only
     for label in ("input tokens", "chunks", "cache", "prefill", "decode", "peak memory"):  # stats on stderr
@@ -69,7 +70,7 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
         torch.testing.assert_close(trace[name], value, rtol=0, atol=1e-5, msg=name)
 
     # the documented names, shapes and dtypes
-    prompt = tok.encode_prompt(text, QUESTION)  # the whole text encoded once, split at the context's ends
+    prompt = tok.encode_prompt(text, question)  # the whole text encoded once, split at the context's ends
     n, q, c = len(prompt.context), len(prompt.question), len(trace["chunk_bounds"])
     hkv, n_layers, vocab = model.args.n_kv_heads, model.args.n_layers, model.args.vocab_size
     assert trace["context_ids"].tolist() == prompt.context and trace["context_ids"].shape == (n,)
