@@ -175,7 +175,8 @@ class Tokenizer:
             self._sp_inner = spm.SentencePieceProcessor()  # the same model without the dummy-prefix "▁"
             self._sp_inner.LoadFromSerializedProto(_without_dummy_prefix(self._sp.serialized_model_proto()))
             self._prepend = tok_cfg.get("add_prefix_space") is not False
-            self._added = {i: tc for i, tc in _added_tokens(tok_cfg).items()
+            added = _added_tokens(tok_cfg)
+            self._added = {i: tc for i, tc in added.items()
                            if i >= self._sp.GetPieceSize() or self._sp.IdToPiece(i) != tc[0]}
             self.vocab_size = max([self._sp.GetPieceSize()] + [i + 1 for i in self._added])
             bos_str = _token_str(tok_cfg.get("bos_token"))
@@ -196,7 +197,7 @@ class Tokenizer:
         if self._sp is not None:  # strings transformers matches as single tokens in text
             names = {s: self.token_id(s) for s in self._special_map.values()}
             self._specials = {s: i for s, i in names.items() if i is not None}
-            self._specials.update({c: i for i, (c, _) in _added_tokens(tok_cfg).items()})
+            self._specials.update({c: i for i, (c, _) in added.items()})
             self._special_re = (re.compile("|".join(re.escape(s) for s in sorted(self._specials, key=len,
                                                                                     reverse=True)))
                                 if self._specials else None)

@@ -245,10 +245,7 @@ def main(argv=None) -> int:
             if not (args.ckpt and args.data and args.out):
                 raise RunError("give --ckpt, --data and --out (or --score DIR)")
             result = run(args)
-    except (RunError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # CheckpointError, ConfigError from the core
+    except (RunError, KeyError, OSError, ValueError) as e:  # ValueError: CheckpointError, ConfigError from the core
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))

@@ -86,10 +86,7 @@ def main(argv=None) -> int:
                                 [maker.make(task, length, i, args.n) for i in range(args.n)])
             return 0
         run_grid(args, tok, maker, tasks, lengths)
-    except (RunError, TaskError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # CheckpointError, ConfigError from the core
+    except (RunError, TaskError, OSError, ValueError) as e:  # ValueError: CheckpointError, ConfigError from the core
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
