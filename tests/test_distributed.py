@@ -46,10 +46,19 @@ def run_case(model, tokenizer, case, group=None):
                   group=group)
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*argv, timeout=120):
+    """Two gloo ranks. KNOWN BUG, not yet understood: about 1 launch in 10 here, a rank aborts with
+    TEARDOWN_ABORT while leaving the process group after its work is done; such a launch is run once more
+    (every result is still checked), so the suite does not fail on it. See the README's torchrun section."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *map(str, argv)], cwd=ROOT, env=env, capture_output=True, timeout=timeout)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               "2", *map(str, argv)], cwd=ROOT, env=env, capture_output=True, timeout=timeout)
+        if TEARDOWN_ABORT not in proc.stderr.decode(errors="replace"):
+            break
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
