@@ -216,6 +216,7 @@ def prepare(args: argparse.Namespace, first: bool, rank_device: torch.device | N
         question = read_prompt(args.question_file, args.max_prompt_mb, "question file")
     elif question is not None:
         check_utf8(question, "--question")
+    check_utf8(args.instruction, "--instruction")
     context, question = split_question(prompt, question)
     device, dtype = pick_device(args.device, args.dtype)
     model_args = load_args(args.ckpt)  # config.json only: options are checked before any weights are read
@@ -258,7 +259,7 @@ def respond(args, context, question, cfg, tokenizer, model, device, group) -> No
                         full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         progress=Progress(sys.stderr.isatty()) if first else None, on_text=stream if first else None,
-                        trace=bool(args.dump), group=group)
+                        trace=bool(args.dump), group=group, instruction=args.instruction)
     except ConfigError as e:
         if e.about == "question" and args.question is None and args.question_file is None:
             raise ConfigError(f"{e} (no --question was given, so the prompt file's last paragraph is the "
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the long context")
     p.add_argument("--question", help="the question; default: the prompt file's last paragraph")
     p.add_argument("--question-file", help="read the question from this file instead")
+    p.add_argument("--instruction", default="", help="text before the context that every chunk reads (e.g. the "
+                   "task's instructions), not scored as the question; the model reads instruction + prompt + question")
     p.add_argument("--method", choices=["parallelcomp", "full"], default="parallelcomp",
                    help="parallelcomp (default) or full: ordinary attention over the whole input, the baseline")
     p.add_argument("--full-max-tokens", type=int,

@@ -18,7 +18,7 @@ entry point on text (tokenize, prefill, decode, stats, trace).
 
 Shapes: H query heads, Hkv key/value heads, g = H / Hkv, hd head dim, T tokens in a chunk input, S cached tokens.
 A chunk input is  header + chunk + question,  where header is what the tokenizer puts before any text (a BOS,
-or nothing) plus an optional chat prefix. Docstrings say where we differ from the authors' released code and why.
+or nothing) plus an optional chat prefix and instruction. Docstrings say where we differ from the authors' released code and why.
 """
 from __future__ import annotations
 
@@ -176,19 +176,23 @@ def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) ->
 def plan_cuts(strength: torch.Tensor, chunk_size: int, count: int, slack: int) -> tuple[list[int], int]:
     """Cut N tokens into `count` chunks of at most chunk_size: cut i may move from its planned point
     round(i * N / count) to a line or sentence end at most `slack` tokens away, or stay on it (a hard cut).
-    Of all placements, the one with the fewest hard cuts, then the smallest total distance to the plan (ties: a
-    line end, then the earlier cut): a shortest path over the candidate cuts, one step per cut. (A greedy
-    cut-by-cut choice runs out of room: a cut that moves back lengthens the next chunk.)
+    Of all placements, the one with the fewest hard cuts, then the fewest cuts at a sentence end that is not a
+    line end, then the smallest total distance to the plan (ties: the earlier cut): a shortest path over the
+    candidate cuts, one step per cut. (A greedy cut-by-cut choice runs out of room: a cut that moves back
+    lengthens the next chunk.) Line ends first: a line is the larger unit; a sentence end inside a line can
+    split one statement, e.g. "The pass key is 33468. Remember it. | 33468 is the pass key." on SmolLM2, whose
+    chunk ending at "Remember it." ranked first and was then misread.
     Returns (cuts 0 = c_0 < c_1 < ... < c_count = N, number of hard cuts)."""
     n = len(strength)
-    hard = float(count * (2 * slack + 1))  # one hard cut costs more than any placement of boundary cuts
+    unit = 2 * slack + 1  # more than any distance to the plan
+    sentence, hard = float(unit), float(2 * count * unit)  # one hard cut costs more than all other cuts together
     ends = strength.long()  # a cut at e ends the chunk after token e - 1: a line (2), sentence (1) or hard (0) cut
     pos, cost, steps = torch.tensor([0]), torch.zeros(1, dtype=torch.float64), []
     for i in range(1, count):
         planned = round(i * n / count)
         window = torch.arange(max(1, planned - slack), min(n - 1, planned + slack) + 1)
         cand = torch.cat([window[ends[window - 1] > 0], torch.tensor([planned])]).unique()  # (J,) sorted
-        own = (cand - planned).abs().double() + hard * (ends[cand - 1] == 0) - 0.5 * (ends[cand - 1] == 2)
+        own = (cand - planned).abs().double() + hard * (ends[cand - 1] == 0) + sentence * (ends[cand - 1] == 1)
         length = cand[None, :] - pos[:, None]  # (K, J): the chunk between a previous cut and a candidate
         total = (cost[:, None] + own[None, :]).masked_fill((length <= 0) | (length > chunk_size), math.inf)
         cost, best_prev = total.min(0)  # the planned points always form a valid path, so cost stays finite
@@ -591,9 +595,10 @@ def default_chunk_size(args: ModelArgs, n_header: int, n_question: int, max_new_
                           "attention over the whole input); pass --chunk-size (the paper used 3,600-7,600)")
     size = args.trained_window - n_header - n_question - max_new_tokens
     if size < 1:
-        raise ConfigError(f"the question ({n_question} tokens) plus max_new_tokens ({max_new_tokens}) leave no room "
-                          f"for context in the model's trained window ({args.trained_window} tokens); shorten them",
-                          about="question")
+        with_header = f" and the header ({n_header} tokens: BOS, chat prefix, instruction)" if n_header > 1 else ""
+        raise ConfigError(f"the question ({n_question} tokens){with_header} plus max_new_tokens ({max_new_tokens}) "
+                          f"leave no room for context in the model's trained window ({args.trained_window} tokens); "
+                          "shorten them", about="question")
     return size
 
 
@@ -610,8 +615,9 @@ def check_prompt(args: ModelArgs, header: torch.Tensor, context: torch.Tensor, q
     if len(question) == 0:
         raise ConfigError("the question is empty; pass a question", about="question")
     if len(header) + len(question) > args.trained_window:
-        raise ConfigError(f"the question is {len(question)} tokens, longer than the model's trained window "
-                          f"({args.trained_window}); shorten it", about="question")
+        with_header = f" (with the {len(header)} header tokens: BOS, chat prefix, instruction)" if len(header) > 1 else ""
+        raise ConfigError(f"the question is {len(question)} tokens{with_header}, longer than the model's trained "
+                          f"window ({args.trained_window}); shorten it", about="question")
     if len(context) == 0:
         raise ConfigError("the context is empty; give the text to answer the question about")
     if int(torch.cat([header, context, question]).max()) >= args.vocab_size:
@@ -626,9 +632,10 @@ def cache_bytes(cache: KVCache) -> int:
 def answer(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
            method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
            seed: int | None = None, chat: bool = False, full_max_tokens: int | None = None,
-           progress=None, on_text=None, trace: bool = False, group=None) -> Result | None:
+           progress=None, on_text=None, trace: bool = False, group=None, instruction: str = "") -> Result | None:
     """Answer `question` about `context`: tokenize (tokenizer.encode_prompt: header, context and question ids,
-    with the chat template when `chat`), prefill with `method` ("parallelcomp", or "full": the baseline;
+    with the chat template when `chat`; `instruction`, text before the context, goes into the header that every
+    chunk input repeats, so it is read by every chunk and not scored as the question), prefill with `method` ("parallelcomp", or "full": the baseline;
     `full_max_tokens` middle-truncates its context), decode, and report stats (and the trace when asked).
     progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token.
     group: a torch.distributed process group (distributed.setup() joins torchrun's) whose ranks share the chunk
@@ -636,7 +643,7 @@ def answer(model: Transformer, tokenizer, context: str, question: str, config: P
     if method not in ("parallelcomp", "full"):
         raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
     cfg, args, device = config or ParallelCompConfig(), model.args, next(model.parameters()).device
-    prompt = tokenizer.encode_prompt(context, question, chat)
+    prompt = tokenizer.encode_prompt(context, question, chat, instruction)
     header, context_ids, question_ids = (torch.tensor(x, dtype=torch.long, device=device)
                                          for x in (prompt.header, prompt.context, prompt.question))
     check_prompt(args, header, context_ids, question_ids)

@@ -67,19 +67,24 @@ def test_full_baseline_middle_truncation():
     assert pc.middle_truncate(ctx, 200).tolist() == ctx.tolist()
 
 
-def test_chunk_scores_match_transformers(ckpt, loaded):
-    """I_c recomputed independently: HF's model on each [BOS] + chunk + question, mean NLL of the question."""
+@pytest.mark.parametrize("instruction", ["", "Read the story. Then answer.\n"], ids=["plain", "instruction"])
+def test_chunk_scores_match_transformers(ckpt, loaded, instruction):
+    """I_c recomputed independently: HF's model on each [BOS] (+ instruction) + chunk + question, mean NLL of
+    the question. An instruction is read by every chunk and is not part of the scored question."""
     import transformers
     model, tok = loaded
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     context = context_text(3, 60)
     cfg = pc.ParallelCompConfig(chunk_size=90, keep_chunks=2, chunk_batch=3)
-    result = pc.answer(model, tok, context, QUESTION, cfg, max_new_tokens=2, trace=True)
+    result = pc.answer(model, tok, context, QUESTION, cfg, max_new_tokens=2, trace=True, instruction=instruction)
     t = result.trace
     q = t["question_ids"]
+    header = torch.tensor([tok.bos_id] + tok.encode(instruction.strip()))  # "▁Read ... answer." then "\n"
+    assert t["header_ids"][:len(header)].tolist() == header.tolist() and len(t["header_ids"]) <= len(header) + 1
+    assert tok.decode(q.tolist()).strip() == QUESTION
     assert len(t["chunk_bounds"]) >= 5
     for c, (start, end) in enumerate(t["chunk_bounds"].tolist()):
-        ids = torch.cat([torch.tensor([tok.bos_id]), t["context_ids"][start:end], q])[None]
+        ids = torch.cat([t["header_ids"], t["context_ids"][start:end], q])[None]
         with torch.no_grad():
             logits = hf(input_ids=ids).logits[0].float()
         logp = torch.log_softmax(logits[-len(q) - 1:-1], -1)
@@ -244,11 +249,12 @@ def test_split_cuts_at_the_boundary_nearest_the_plan():
     strength = torch.zeros(280, dtype=torch.int8)  # 3 chunks, cuts planned at 93 and 187
     strength[[84, 97]] = 1  # sentence ends: cuts at 85 (8 before the plan) and 98 (5 after it)
     assert pc.split_chunks(strength, 100)[0] == (0, 98)  # the nearer one
-    strength[87] = 2  # a line end: a cut at 88, also 5 from the plan, and a line end wins the tie
-    assert pc.split_chunks(strength, 100)[0] == (0, 88)
-    strength[87], strength[97] = 0, 0
     strength[91] = 1  # 92: 1 before the plan
     assert pc.split_chunks(strength, 100)[0] == (0, 92)
+    strength[88] = 2  # a line end: a cut at 89, 4 from the plan, beats the sentence end inside a line at 92
+    assert pc.split_chunks(strength, 100)[0] == (0, 89)
+    strength[86] = 2  # of two line ends the nearer (87 is 6 from the plan)
+    assert pc.split_chunks(strength, 100)[0] == (0, 89)
     strength[:] = 0
     strength[10] = 2  # a boundary far from the planned cut is not used
     assert pc.split_chunks(strength, 100)[0] == (0, 93)

@@ -128,7 +128,7 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 @dataclass
 class PromptIds:
     """A prompt as ParallelComp needs it: every chunk input is header + context[chunk] + question."""
-    header: list[int]  # what the tokenizer adds before any text (a BOS, or nothing), then the chat prefix
+    header: list[int]  # what the tokenizer adds before any text (a BOS, or nothing), the chat prefix, the instruction
     context: list[int]
     question: list[int]  # the question (with --chat: the rest of the user turn and the assistant header)
 
@@ -331,12 +331,13 @@ class Tokenizer:
         except TemplateError as e:
             raise CheckpointError(f"--chat: the checkpoint's chat template failed ({e}); drop --chat") from None
 
-    def chat_parts(self, question: str) -> tuple[str, str]:
-        """The chat template rendered for one user message (the context, a blank line, the question) and split
-        around the context: (text before the context, text after it, ending with the assistant header). The
-        text is the whole rendered template, a BOS it prints included (transformers then adds no other)."""
+    def chat_parts(self, question: str, instruction: str = "") -> tuple[str, str]:
+        """The chat template rendered for one user message (the instruction, the context, a blank line, the
+        question) and split around the context: (text before the context, text after it, ending with the
+        assistant header). The text is the whole rendered template, a BOS it prints included (transformers then
+        adds no other)."""
         mark = "\x00CONTEXT\x00"
-        text = self.render_chat([{"role": "user", "content": mark + "\n\n" + question}])
+        text = self.render_chat([{"role": "user", "content": instruction + mark + "\n\n" + question}])
         if text.count(mark) != 1:
             raise CheckpointError("--chat: the checkpoint's chat template drops or repeats the user's message; "
                                   "drop --chat")
@@ -373,8 +374,9 @@ class Tokenizer:
                 pos = m.end()
         return ids, spans
 
-    def encode_prompt(self, context: str, question: str, chat: bool = False) -> PromptIds:
-        """The ids of header, context and question (see PromptIds).
+    def encode_prompt(self, context: str, question: str, chat: bool = False, instruction: str = "") -> PromptIds:
+        """The ids of header, context and question (see PromptIds). The text is instruction + context + question
+        (the instruction, e.g. a task's preamble, is in the header: every chunk input repeats it).
 
         The whole prompt is encoded once, as the model's own tokenizer encodes it: without --chat
         tokenizer(context + question), i.e. what the tokenizer adds in front (a BOS, or nothing) and the tokens
@@ -387,10 +389,10 @@ class Tokenizer:
         byte-fallback character) goes with the token after it. So header + context +
         question is exactly the tokenizer's encoding of the whole text, with no token added or re-encoded."""
         if chat:
-            prefix, rest = self.chat_parts(question)
+            prefix, rest = self.chat_parts(question, instruction)
             lead = []
         else:
-            prefix, rest, lead = "", question, self._lead
+            prefix, rest, lead = instruction, question, self._lead
         text = prefix + context + rest
         cs, ce = len(prefix), len(prefix) + len(context)
         ids, spans = self._spans(text)

@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 
-from eval.run import answer
 from eval.synthetic import parse_lengths
 
 
@@ -24,7 +23,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         from model import load_model
-        from parallelcomp import ParallelCompConfig
+        from parallelcomp import ParallelCompConfig, answer
         from tokenizer import load_tokenizer
         from eval.tasks import TaskMaker
         length, full_length = parse_lengths(args.length)[0], parse_lengths(args.full_length)[0]
@@ -34,7 +33,8 @@ def main(argv=None) -> int:
         key = ex["answers"][0]
         print(f"question: {ex['input'].strip()!r}\n(the key is {key})", flush=True)
         cfg = ParallelCompConfig(chunk_size=args.chunk_size, keep_chunks=1, chunk_batch=1)
-        res = answer(model, tok, ex["context"], ex["input"], cfg, "parallelcomp", 6, trace=True)
+        res = answer(model, tok, ex["context"], ex["input"], cfg, "parallelcomp", 6, trace=True,
+                     instruction=ex["instruction"])
         kept = int(res.trace["kept_chunks"][0])
         print(f" parallelcomp over {ex['length']:>7,} tokens: {res.text.strip()!r:12} "
               f"{'correct' if res.text.strip().startswith(key) else 'wrong':8} {res.stats['prefill_s']:6.1f} s"
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         if full_length:
             ex = maker.make("passkey", full_length, 1, 3)
             key = ex["answers"][0]
-            res = answer(model, tok, ex["context"], ex["input"], None, "full", 6)
+            res = answer(model, tok, ex["context"], ex["input"], None, "full", 6, instruction=ex["instruction"])
             beyond = ex["length"] > model.args.max_position_embeddings
             print(f"         full over {ex['length']:>7,} tokens: {res.text.strip()!r:12} "
                   f"{'correct' if res.text.strip().startswith(key) else 'wrong':8} {res.stats['prefill_s']:6.1f} s"

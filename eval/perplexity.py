@@ -16,7 +16,6 @@ setting; what it shows is that reading kept chunks at reused positions does not 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -38,15 +37,11 @@ def nll_full(model, ids: torch.Tensor, n_ctx: int) -> float:
 def nll_parallelcomp(model, tok, context: torch.Tensor, cont: torch.Tensor, cfg) -> tuple[float, dict]:
     """Mean NLL of cont[1:] after ParallelComp's stages 1-4 with `cont` as the question (see the module doc)."""
     import parallelcomp as pc
-    texts = tok.token_texts() if callable(tok.token_texts) else tok.token_texts
-    strength = pc.boundary_strength(texts)[context]
+    strength = pc.boundary_strength(tok.token_texts)[context]
     header = torch.tensor([tok.bos_id] if tok.bos_id is not None else [], dtype=torch.long)
     bounds = pc.split_chunks(strength, cfg.chunk_size)
     kept, scores = pc.prefill_chunks(model, header, context, cont, bounds, cfg)
-    if len(inspect.signature(pc.assemble_cache).parameters) == 3:
-        cache, m = pc.assemble_cache(kept, len(header), cfg)  # older signature
-    else:
-        cache, m = pc.assemble_cache(kept, len(header))
+    cache, m = pc.assemble_cache(kept, len(header))
     positions = torch.arange(m, m + len(cont))[None]
     logits = model(cont[None], positions, cache, logits_at=torch.arange(len(cont) - 1)[None])[0]
     info = {"chunks": len(bounds), "kept": [c.index for c in kept]}

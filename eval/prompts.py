@@ -82,15 +82,15 @@ class PromptError(ValueError):
     """An example that does not fit its benchmark's schema; the message names the field."""
 
 
-def split_prompt(template: str, fields: dict) -> tuple[str, str]:
-    """(context part, question part) of a filled template: everything up to and including {context} is the
-    context part (the instruction goes with the first chunk), the rest is the question that ParallelComp
-    appends to every chunk. context part + question part is exactly the filled template, so full attention
-    reads the official prompt."""
+def split_prompt(template: str, fields: dict) -> tuple[str, str, str]:
+    """(instruction, context, question) of a filled template: the text before {context} is the instruction,
+    which ParallelComp puts in the header every chunk reads; the text after it is the question, which every
+    chunk input ends with and which scores the chunks. instruction + context + question is exactly the filled
+    template, so full attention reads the official prompt."""
     head, sep, tail = template.partition("{context}")
     if not sep:
         raise PromptError("the template has no {context}")
     try:
-        return head.format(**fields) + fields["context"], tail.format(**fields)
+        return head.format(**fields), fields["context"], tail.format(**fields)
     except KeyError as e:
         raise PromptError(f"the example has no field {e.args[0]!r} that its template needs") from None

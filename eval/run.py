@@ -9,11 +9,11 @@ and score the predictions with the official metrics.
 Schemas. LongBench: context, input, answers (list), all_classes, dataset, length; the dataset picks the
 prompt template and max new tokens (eval/prompts.py). InfiniteBench: context, input, answer (str or list),
 options (choice tasks); the dataset is the file's name (passkey.jsonl, kv_retrieval.jsonl, ...), as in its
-release. Synthetic: LongBench's schema with the instruction already in `context` and the answer lead in `input`.
+release. Synthetic: LongBench's schema plus `instruction` (eval/tasks.py), the answer lead in `input`.
 
-The filled template is split into context and question (prompts.split_prompt): everything up to the end of
-the context goes into the chunks, the rest is the question ParallelComp appends to every chunk; full attention
-reads the two joined, the official prompt. Each prediction file <out>/<dataset>.jsonl holds one line per
+The filled template is split into instruction, context and question (prompts.split_prompt): ParallelComp puts
+the instruction in the header that every chunk reads, cuts the context into chunks and ends every chunk input
+with the question, which scores the chunks; full attention reads the three joined, the official prompt. Each prediction file <out>/<dataset>.jsonl holds one line per
 example (pred, answers, score, seconds, ...); <out>/result.json the score per dataset, x100 as the papers print.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def dataset_of(path: str, ex: dict, benchmark: str) -> str:
 
 
 def to_prompt(ex: dict, dataset: str, benchmark: str) -> dict:
-    """The example as one uniform job: context, question, answers, all_classes, letter, max_new_tokens, chat ok."""
+    """The example as one uniform job: instruction, context, question, answers, all_classes, letter, max_new_tokens, chat ok."""
     for key in ("context", "input"):
         if not isinstance(ex.get(key), str):
             raise RunError(f"{dataset}: an example's {key!r} is missing or not a string")
@@ -70,7 +70,8 @@ def to_prompt(ex: dict, dataset: str, benchmark: str) -> dict:
         from eval.tasks import MAX_NEW_TOKENS
         if dataset not in MAX_NEW_TOKENS:
             raise RunError(f"unknown synthetic task {dataset!r}; tasks: {', '.join(MAX_NEW_TOKENS)}")
-        return {"context": ex["context"], "question": ex["input"], "answers": list(ex["answers"]),
+        return {"instruction": ex.get("instruction", ""), "context": ex["context"], "question": ex["input"],
+                "answers": list(ex["answers"]),
                 "all_classes": None, "letter": None, "max_new_tokens": MAX_NEW_TOKENS[dataset], "chat_ok": False}
     table = prompts.LONGBENCH if benchmark == "longbench" else prompts.INFINITEBENCH
     if dataset not in table:
@@ -91,28 +92,14 @@ def to_prompt(ex: dict, dataset: str, benchmark: str) -> dict:
                 letter = "ABCD"[options.index(answers[0])]
     if not isinstance(answers, list) or not answers:
         raise RunError(f"{dataset}: an example has no ground-truth answers")
-    context, question = prompts.split_prompt(template, fields)
-    return {"context": context, "question": question, "answers": [str(a) for a in answers],
+    instruction, context, question = prompts.split_prompt(template, fields)
+    return {"instruction": instruction, "context": context, "question": question, "answers": [str(a) for a in answers],
             "all_classes": ex.get("all_classes"), "letter": letter, "max_new_tokens": max_new,
             "chat_ok": benchmark == "infinitebench" or dataset not in prompts.LONGBENCH_NO_CHAT}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Running the model
-
-
-def answer(model, tok, context, question, cfg, method, max_new_tokens, full_max_tokens=None, chat=False,
-           trace=False):
-    """parallelcomp.answer (the Python API), or its older name generate, which has no chat option."""
-    import parallelcomp
-    fn = getattr(parallelcomp, "answer", None)
-    if fn is not None:
-        return fn(model, tok, context, question, config=cfg, method=method, max_new_tokens=max_new_tokens,
-                  full_max_tokens=full_max_tokens, chat=chat, trace=trace)
-    if chat:
-        raise RunError("this version of parallelcomp has no chat option; run without --chat")
-    return parallelcomp.generate(model, tok, context, question, cfg, method=method, max_new_tokens=max_new_tokens,
-                                 full_max_tokens=full_max_tokens, trace=trace)
 
 
 def needle_report(tok, context: str, needle_char: int, trace: dict) -> dict:
@@ -137,10 +124,12 @@ def make_config(args, n_layers: int):
 
 def predict(model, tok, job: dict, cfg, method: str, full_max_tokens=None, chat=False, needle=None) -> dict:
     """Run one job; returns the record written to the prediction file (without the score)."""
+    from parallelcomp import answer
     t0 = time.perf_counter()
     want_trace = method == "parallelcomp" and needle is not None
     res = answer(model, tok, job["context"], job["question"], cfg, method, job["max_new_tokens"],
-                 full_max_tokens, chat and job["chat_ok"], trace=want_trace)
+                 full_max_tokens=full_max_tokens, chat=chat and job["chat_ok"], trace=want_trace,
+                 instruction=job.get("instruction", ""))
     rec = {"pred": res.text, "answers": job["answers"], "all_classes": job["all_classes"],
            "seconds": round(time.perf_counter() - t0, 2), "input_tokens": res.stats.get("input_tokens"),
            "chunks_total": res.stats.get("chunks_total"), "chunks_kept": res.stats.get("chunks_kept"),

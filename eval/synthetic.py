@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-capacity", type=int, help="context tokens kept per chunk by KV eviction")
     p.add_argument("--calibration", default="none", help="none | paper | REGION:FIRST-LAST,...")
     p.add_argument("--chunk-batch", type=int, default=1, help="chunks per forward pass (default 1)")
+    p.add_argument("--instruction-at", choices=("header", "first", "question"), default="header",
+                   help="where ParallelComp reads the task's instruction (see layout(); default header)")
     args = p.parse_args(argv)
     try:
         tasks, lengths = parse_tasks(args.tasks), parse_lengths(args.lengths)
@@ -92,6 +94,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def layout(ex: dict, instruction_at: str) -> dict:
+    """Where ParallelComp gets the task's instruction: "header" (every chunk reads it; the default), "first"
+    (plain text before the context: only the first chunk reads it) or "question" (after the context, inside
+    the question that scores the chunks). The text the model reads whole is the same for header and first."""
+    ins, ctx, q = ex["instruction"], ex["context"], ex["input"]
+    if instruction_at == "first":
+        return {"instruction": "", "context": ins + ctx, "question": q}
+    if instruction_at == "question":
+        return {"instruction": "", "context": ctx, "question": "\n" + ins.strip() + " " + q.strip()}
+    return {"instruction": ins, "context": ctx, "question": q}
+
+
 def run_grid(args, tok, maker, tasks, lengths) -> None:
     from model import load_model
     setting = args.setting or (args.method if args.method == "full" else f"pc{args.chunk_size or 'auto'}")
@@ -106,14 +120,14 @@ def run_grid(args, tok, maker, tasks, lengths) -> None:
                 ex = maker.make(task, length, i, args.n)
                 if (setting, task, length, i, ex["depth"]) in done:
                     continue
-                job = {"context": ex["context"], "question": ex["input"], "answers": ex["answers"],
-                       "all_classes": None, "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task],
-                       "chat_ok": False}
-                rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, ex["needles"][0])
+                job = {**layout(ex, args.instruction_at), "answers": ex["answers"], "all_classes": None,
+                       "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task], "chat_ok": False}
+                needle = ex["needles"][0] + len(job["context"]) - len(ex["context"])  # "first" prefixes the context
+                rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, needle)
                 rec.update(setting=setting, task=task, target_length=length, i=i, length=ex["length"],
                            depth=ex["depth"], method=args.method, keep_chunks=keep,
                            kv_capacity=args.kv_capacity, calibration=args.calibration,
-                           full_max_tokens=args.full_max_tokens,
+                           full_max_tokens=args.full_max_tokens, instruction_at=args.instruction_at,
                            score=score_example(task, rec["pred"], ex["answers"], benchmark="synthetic"))
                 with open(args.out, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")

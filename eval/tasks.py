@@ -1,17 +1,19 @@
 """Long-context tasks generated locally from a seed, with the length measured in the evaluated model's tokens.
 
-Every example is a dict in LongBench's schema plus two fields of ours:
-  context, input (the question, ending with an answer lead such as "The pass key is"), answers, dataset,
-  length (tokens of context + input), depth (where the needle sits, 0 = start, 1 = end),
-  needles (character offsets of the needle sentences in `context`, the one asked about first, for telling
-  ranking errors from reading errors).
-The instruction goes with the question, after the haystack: every chunk then sees it (SmolLM2-135M reads a
-chunk far worse when the instruction sits in another chunk). context + input is the whole prompt, the same
-for full attention and ParallelComp.
+Every example is a dict in LongBench's schema plus fields of ours:
+  instruction (the task's preamble, before the context, as InfiniteBench and RULER place it), context, input
+  (the question, ending with an answer lead such as "The pass key is"), answers, dataset, length (tokens of
+  instruction + context + input), depth (where the needle sits, 0 = start, 1 = end), needles (character
+  offsets of the needle sentences in `context`, the one asked about first, for telling ranking errors from
+  reading errors).
+instruction + context + input is the whole prompt, the same for full attention and ParallelComp. ParallelComp
+gets the instruction as its header (parallelcomp.answer(instruction=...)): every chunk reads it, and the chunks
+are scored by the question alone. (Two layouts measured worse on SmolLM2-135M, see eval/README: the
+instruction in the first chunk only, where chunks without it are misread; and the instruction inside the
+question, where I_c averages the needle's signal over the instruction's tokens and noise chunks outrank it.)
 
 Tasks (`TASKS`):
   passkey, number_string   InfiniteBench's construction: the noise line repeated, one needle sentence
-  passkey_bare             passkey with the question alone ("What is the pass key? The pass key is")
   kv_retrieval             InfiniteBench: a JSON object of random UUID key/value pairs; ask for one key
   niah_single              RULER: "One of the special magic numbers for KEY is: N." in the noise
   niah_multikey            RULER: the same with 3 distractor needles for other keys
@@ -32,11 +34,12 @@ import uuid
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 INFO = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. " \
        "I will quiz you about the important information.\n\n"
-RULER_NIAH = "Some special magic numbers are hidden within the text above. Make sure to memorize it. " \
+RULER_NIAH = "Some special magic numbers are hidden within the following text. Make sure to memorize it. " \
              "I will quiz you about the numbers afterwards.\n"
-RULER_VT = "Memorize and track the chain(s) of variable assignment hidden in the text above.\n\n"
-KJV_NIAH = "A special magic number is hidden within the text above. Make sure to memorize it. " \
+RULER_VT = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+KJV_NIAH = "A special magic number is hidden within the following text. Make sure to memorize it. " \
            "I will quiz you about it afterwards.\n"
+KV = "Extract the value corresponding to the specified key in the JSON object below.\n\n"
 # RULER draws its needle keys from a word list; these are ours
 WORDS = ("amber anchor apple arrow autumn badge basket beacon berry blossom bottle bridge bronze bucket cabin "
          "candle canyon carpet castle cedar cherry circle cloud clover comet copper coral cotton crystal dagger "
@@ -183,9 +186,6 @@ def _vt(rng, depth, hops=4):
 
 TASKS = {
     "passkey": _passkey,
-    # the same haystack and needle with the bare question, no instruction: a sharper ranking signal (I_c
-    # averages over every question token), a weaker read (see README)
-    "passkey_bare": lambda rng, d: ("",) + _passkey(rng, d)[1:],
     "number_string": _number_string,
     "kv_retrieval": None,  # TaskMaker._kv: the haystack is the JSON object itself
     "niah_single": lambda rng, d: _niah(rng, d),
@@ -195,7 +195,7 @@ TASKS = {
     "vt": _vt,
     "kjv_niah": lambda rng, d: _niah(rng, d, haystack="kjv"),
 }
-MAX_NEW_TOKENS = {"passkey": 6, "passkey_bare": 6, "number_string": 12, "kv_retrieval": 50, "niah_single": 12, "niah_multikey": 12,
+MAX_NEW_TOKENS = {"passkey": 6, "number_string": 12, "kv_retrieval": 50, "niah_single": 12, "niah_multikey": 12,
                   "niah_multivalue": 48, "niah_multiquery": 48, "vt": 30, "kjv_niah": 12}
 
 
@@ -225,20 +225,19 @@ class TaskMaker:
             return self._kv(rng, length, depth)
         instruction, needles, question, answers, kind = TASKS[task](rng, depth)
         hay = self.haystack(kind)
-        question = "\n" + (instruction.strip() + " " if instruction else "") + question.strip()
-        budget = length - self.ntok(question) - sum(self.ntok(s) for _, s in needles)
+        question = "\n" + question.strip()
+        budget = length - self.ntok(instruction) - self.ntok(question) - sum(self.ntok(s) for _, s in needles)
         start = rng.randrange(len(hay.units)) if kind == "kjv" else 0
         for _ in range(3):  # the joined text can take a few more tokens than its lines apart: measure, shrink
             context, offsets = hay.build(max(budget, 1), needles, start)
-            total = self.ntok(context) + self.ntok(question)
+            total = self.ntok(instruction + context + question)
             if total <= length:
                 break
             budget -= total - length
-        return {"dataset": task, "context": context, "input": question, "answers": answers, "length": total,
+        return {"dataset": task, "instruction": instruction, "context": context, "input": question, "answers": answers, "length": total,
                 "depth": depth, "needles": offsets, "all_classes": None}
 
     def _kv(self, rng, length, depth):
-        instruction = "JSON data:\n"
         pair = lambda k, v: f"{json.dumps(k)}: {json.dumps(v)}"  # noqa: E731
         pool = [(_uuid(rng), _uuid(rng)) for _ in range(16)]
         pair_tokens = self.ntok(", ".join(pair(k, v) for k, v in pool)) / 16  # UUIDs tokenize unevenly
@@ -250,13 +249,12 @@ class TaskMaker:
                 pool.append((_uuid(rng), _uuid(rng)))
             pairs = pool[:n_pairs]
             target = min(n_pairs - 1, round(depth * (n_pairs - 1)))
-            context = instruction + "{" + ", ".join(pair(k, v) for k, v in pairs) + "}"
-            question = (f"\nExtract the value corresponding to the specified key in the JSON object above. "
-                        f"Key: \"{pairs[target][0]}\" The value associated with the specified key is:")
-            total = self.ntok(context) + self.ntok(question)
+            context = "{" + ", ".join(pair(k, v) for k, v in pairs) + "}"
+            question = f"\n\nKey: \"{pairs[target][0]}\"\nThe value associated with the specified key is:"
+            total = self.ntok(KV + context + question)
             n_pairs = max(2, n_pairs + int((length - total) / pair_tokens) if step < 1 else n_pairs - 1)
-        offset = len(instruction) + 1 + sum(len(pair(k, v) + ", ") for k, v in pairs[:target])
-        return {"dataset": "kv_retrieval", "context": context, "input": question, "answers": [pairs[target][1]],
+        offset = 1 + sum(len(pair(k, v) + ", ") for k, v in pairs[:target])
+        return {"dataset": "kv_retrieval", "instruction": KV, "context": context, "input": question, "answers": [pairs[target][1]],
                 "length": total, "depth": depth, "needles": [offset], "all_classes": None}
 
 

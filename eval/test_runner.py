@@ -7,6 +7,7 @@ import os
 import pytest
 
 from eval import prompts, run
+import parallelcomp
 from parallelcomp import Result
 
 
@@ -28,9 +29,9 @@ def test_split_prompt_rejoins_to_the_official_prompt(bench):
     fields = {"context": "CTX {not a field}", "input": "QUESTION",
               **{f"OPTION_{c}": f"opt {c}" for c in "ABCD"}}
     for dataset, (template, max_new) in table.items():
-        context, question = prompts.split_prompt(template, fields)
-        assert context + question == template.format(**fields), dataset
-        assert context.endswith("CTX {not a field}") and "CTX" not in question, dataset
+        instruction, context, question = prompts.split_prompt(template, fields)
+        assert instruction + context + question == template.format(**fields), dataset
+        assert context == "CTX {not a field}" and "CTX" not in instruction + question, dataset
         assert max_new > 0
         if "{input}" in template:
             assert "QUESTION" in question, dataset
@@ -48,9 +49,9 @@ class FakeModel:
         self.replies, self.calls = list(replies), []
 
     def __call__(self, model, tok, context, question, cfg, method, max_new_tokens, full_max_tokens=None,
-                 chat=False, trace=False):
-        self.calls.append(dict(context=context, question=question, method=method, max_new_tokens=max_new_tokens,
-                               chat=chat))
+                 chat=False, trace=False, instruction=""):
+        self.calls.append(dict(instruction=instruction, context=context, question=question, method=method,
+                               max_new_tokens=max_new_tokens, chat=chat))
         return Result([], self.replies.pop(0), {"input_tokens": 10})
 
 
@@ -60,7 +61,7 @@ def fake(monkeypatch, tiny_ckpt):
 
     def install(replies):
         f = FakeModel(replies)
-        monkeypatch.setattr(run, "answer", f)
+        monkeypatch.setattr(parallelcomp, "answer", f)
         return ckpt, f
     return install
 
@@ -80,7 +81,9 @@ def test_longbench_files_are_scored_with_the_official_metrics(fake, tmp_path):
     assert result == {"hotpotqa": 92.86, "passage_retrieval_en": 0.0, "trec": 100.0}
     first = f.calls[0]
     template = prompts.LONGBENCH["hotpotqa"][0]
-    assert first["context"] + first["question"] == template.format(context="P1. P2.", input="Capital of France?")
+    assert first["instruction"] + first["context"] + first["question"] == template.format(
+        context="P1. P2.", input="Capital of France?")
+    assert first["context"] == "P1. P2." and first["instruction"].startswith("Answer the question based on")
     assert first["question"].endswith("Question: Capital of France?\nAnswer:") and first["max_new_tokens"] == 32
     assert first["chat"] is True and f.calls[3]["chat"] is False  # LongBench uses no chat template on trec
     rows = [json.loads(line) for line in open(os.path.join(out, "hotpotqa.jsonl"))]
@@ -104,17 +107,18 @@ def test_infinitebench_files_take_the_dataset_from_the_file_name(fake, tmp_path)
                      "--keep-chunks", "1"]) == 0
     assert json.load(open(os.path.join(out, "result.json"))) == {"longbook_choice_eng": 50.0, "passkey": 50.0}
     assert f.calls[0]["question"] == "\n\nWhat is the pass key?\n\nThe pass key is"
+    assert f.calls[0]["instruction"].startswith("There is an important info") and f.calls[0]["context"] == "noise"
     assert f.calls[2]["question"].startswith("\n\nQuestion: Who?\nA. Al\nB. Bob\n")
 
 
 def test_the_real_pipeline_runs_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
-    ckpt = tiny_ckpt(max_position_embeddings=128)
+    ckpt = tiny_ckpt(max_position_embeddings=256)  # the template's instruction and question: ~120 tokens here
     rows = [longbench_row("multifieldqa_en", "The grass is green. " * 40, "What colour is the grass?", ["green"])]
     data = write(tmp_path / "mf.jsonl", rows)
     for method in ("parallelcomp", "full"):
         out = str(tmp_path / method)
         assert run.main(["--ckpt", ckpt, "--data", data, "--out", out, "--method", method, "--chunk-size", "40",
-                         "--full-max-tokens", "120"]) == 0
+                         "--full-max-tokens", "240"]) == 0
         rec = json.loads(open(os.path.join(out, "multifieldqa_en.jsonl")).readline())
         assert isinstance(rec["pred"], str) and 0.0 <= rec["score"] <= 1.0 and rec["method"] == method
         if method == "parallelcomp":

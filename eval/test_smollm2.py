@@ -66,15 +66,16 @@ def test_tokens_match_transformers_and_no_bos_is_added(smollm2):
 def test_full_attention_fails_at_10k_where_parallelcomp_with_2k_chunks_reads_the_passkey(smollm2):
     """A 10K-token passkey haystack, a little past the 8,192 positions the model was trained on: full attention
     answers something else; ParallelComp with 2,000-token chunks ranks the needle's chunk first and reads it."""
-    from eval.run import answer, needle_report
-    from parallelcomp import ParallelCompConfig
+    from eval.run import needle_report
+    from parallelcomp import ParallelCompConfig, answer
     path, model, tok = smollm2
     ex = TaskMaker(tok, seed=0).make("passkey", 10240, 1, 3)
     key = ex["answers"][0]
-    full = answer(model, tok, ex["context"], ex["input"], None, "full", 6)
+    full = answer(model, tok, ex["context"], ex["input"], None, "full", 6, instruction=ex["instruction"])
     assert key not in full.text
     cfg = ParallelCompConfig(chunk_size=2000, keep_chunks=1, chunk_batch=1)
-    pc = answer(model, tok, ex["context"], ex["input"], cfg, "parallelcomp", 6, trace=True)
+    pc = answer(model, tok, ex["context"], ex["input"], cfg, "parallelcomp", 6, trace=True,
+                instruction=ex["instruction"])
     assert pc.text.strip().startswith(key)
     where = needle_report(tok, ex["context"], ex["needles"][0], pc.trace)
     assert pc.stats["chunks_total"] >= 5 and where["needle_rank"] == 0 and where["needle_kept"]

@@ -30,7 +30,8 @@ def test_length_answers_and_needle(maker, task):
             ex = maker.make(task, length, i, n)
             # filled to the budget a filler line (a noise line is 30-45 tokens here; a UUID pair about 80) at a time
             assert length - (100 if task == "kv_retrieval" else 64) <= ex["length"] <= length + 16, (task, ex["length"])
-            assert ex["length"] == len(maker.tok.encode(ex["context"])) + len(maker.tok.encode(ex["input"]))
+            assert ex["length"] == len(maker.tok.encode(ex["instruction"] + ex["context"] + ex["input"]))
+            assert ex["instruction"] and ex["instruction"] not in ex["context"] + ex["input"]
             for a in ex["answers"]:
                 assert a in ex["context"], (task, a)
             assert ex["depth"] == i / (n - 1)
@@ -93,7 +94,7 @@ def test_write_mode_emits_longbench_schema_files(tmp_path, capsys):
     assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--tasks", "passkey,vt", "--lengths", "1k",
                            "--n", "2"]) == 0
     rows = [json.loads(line) for line in open(out / "passkey_1024.jsonl")]
-    assert len(rows) == 2 and {"context", "input", "answers", "dataset", "length"} <= set(rows[0])
+    assert len(rows) == 2 and {"instruction", "context", "input", "answers", "dataset", "length"} <= set(rows[0])
     assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--tasks", "passkey,nope"]) == 1
     assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--lengths", "4x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

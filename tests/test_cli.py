@@ -123,6 +123,23 @@ def test_cli_method_full_equals_plain_greedy_decoding(ckpt, tmp_path):
     assert out == tok.decode(ref) + "\n"
 
 
+def test_cli_instruction_is_read_before_the_context(ckpt, context):
+    """--instruction: the model reads instruction + prompt + question (here with --method full, which is
+    plain greedy decoding of exactly that text)."""
+    path, text = context
+    instruction = "Find the code in the text below.\n\n"
+    code, out, err = run_cli("--ckpt", ckpt, "--prompt-file", path, "--question", QUESTION, "--device", "cpu",
+                             "--method", "full", "--max-new-tokens", 8, "--instruction", instruction)
+    assert code == 0, err
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    context_text, question = generate.split_question(text, QUESTION)
+    prompt = tok.encode_prompt(context_text, question, instruction=instruction)
+    tokens = prompt.header + prompt.context + prompt.question
+    assert tokens == [tok.bos_id] + tok.encode(instruction + context_text + question)
+    ref = plain_greedy(model, tokens, 8, tok.stop_ids)
+    assert out == tok.decode(ref) + "\n" and len(ref) > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad flags end with one line
 

@@ -179,6 +179,27 @@ def test_one_chunk_input_is_what_transformers_encodes(pair, context, question):
         assert p.context and p.question  # and split: the context ids are the context's own tokens
 
 
+INSTRUCTION = "Read the text and answer the question at the end. Be concise.\n\n"
+
+
+def test_instruction_goes_into_the_header_and_the_whole_text_is_what_transformers_encodes(pair):
+    """answer(instruction=...): the text is instruction + context + question, encoded once; the instruction's
+    tokens end the header (which every chunk input repeats), none of them are scored as the question."""
+    ours, hf = pair
+    context, question = "The sky is blue. The grass is green.", "\nWho is it?"
+    plain = ours.encode_prompt(context, question)
+    p = ours.encode_prompt(context, question, instruction=INSTRUCTION)
+    assert p.header + p.context + p.question == hf(INSTRUCTION + context + question)["input_ids"]
+    assert ours.decode(p.header[len(plain.header):]).strip() == INSTRUCTION.strip()
+    assert p.question == plain.question and ours.decode(p.context).strip() == context
+    if ours.chat_template:
+        p = ours.encode_prompt(context, question, chat=True, instruction=INSTRUCTION)
+        ref = hf.apply_chat_template([{"role": "user", "content": INSTRUCTION + context + "\n\n" + question}],
+                                     tokenize=True, add_generation_prompt=True)
+        assert p.header + p.context + p.question == ids_of(ref)
+        assert INSTRUCTION.strip() in ours.decode(p.header) and INSTRUCTION.strip() not in ours.decode(p.question)
+
+
 def test_bos_exactly_when_transformers_adds_it(pair):
     ours, hf = pair
     added = hf("x")["input_ids"][:-len(hf("x", add_special_tokens=False)["input_ids"])]
