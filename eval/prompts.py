@@ -1,5 +1,5 @@
 """Prompt templates and generation lengths of LongBench and InfiniteBench (restated from their configs), and the
-split of a filled template into the context and the question that ParallelComp needs.
+split of a filled template into the instruction, the context and the question that ParallelComp needs.
 
 LongBench: `dataset2prompt` / `dataset2maxlen` of the official repository (English datasets).
 InfiniteBench: the completion-style templates its authors use for open models (their "yarn-mistral"
