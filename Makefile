@@ -23,7 +23,7 @@ test: .venv/done model
 eval-deps:
 	command -v bible >/dev/null || (apt-get update -q && apt-get install -y -q bible-kjv)
 
-# the README's SmolLM2 tables: runs eval/plan.sh (about 85 minutes on 2 busy CPU cores; resumable), then the report
+# the README's SmolLM2 tables: runs eval/plan.sh (steps 1-6 about 115 minutes on 2 idle CPU cores, step 7 about 30 more; resumable), then the report
 eval-real: model eval-deps
 	bash eval/plan.sh $(SMOLLM2)
 	$(PY) -m eval.report eval/runs/results.jsonl

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's SmolLM2-135M tables (make eval-real), most important first; each step appends to the results
-# file and a rerun skips the examples already there. About 100 minutes on 2 CPU cores (n = 1-3 per cell), one
-# job at a time; `python -m eval.report eval/runs/results.jsonl` prints the tables at any point.
+# file and a rerun skips the examples already there. Steps 1-6 take about 115 minutes on 2 idle CPU cores,
+# step 7 about 30 more (n = 1-3 per cell), one job at a time; `python -m eval.report eval/runs/results.jsonl`
+# prints the tables at any point.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${1:-eval/cache/SmolLM2-135M-Instruct}
