@@ -635,7 +635,8 @@ def answer(model: Transformer, tokenizer, context: str, question: str, config: P
            progress=None, on_text=None, trace: bool = False, group=None, instruction: str = "") -> Result | None:
     """Answer `question` about `context`: tokenize (tokenizer.encode_prompt: header, context and question ids,
     with the chat template when `chat`; `instruction`, text before the context, goes into the header that every
-    chunk input repeats, so it is read by every chunk and not scored as the question), prefill with `method` ("parallelcomp", or "full": the baseline;
+    chunk input repeats, so it is read by every chunk and not scored as the question), prefill with `method`
+    ("parallelcomp", or "full": the baseline;
     `full_max_tokens` middle-truncates its context), decode, and report stats (and the trace when asked).
     progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token.
     group: a torch.distributed process group (distributed.setup() joins torchrun's) whose ranks share the chunk
