@@ -2,23 +2,25 @@
 
 The input never goes through attention as a whole. This file reads top to bottom in the order data flows:
 
-  1. split_chunks        chunks that fit the trained window, cut at sentence ends, positions reused  (Sec. 3.1)
-  2. question_nll        I_c = mean NLL of the question given chunk c                          (Sec. 3.2, Eq. 3)
-     ChunkQueue          a fixed-size priority queue that keeps the k chunks of lowest I_c
-  3. snapkv_scores       per-chunk KV eviction scored by the question's last rows, in parallel (Sec. 3.3, Eqs. 5-7)
-     snapkv_keep
-     prefill_chunks      stages 1-3 over batches of chunks
-  4. assemble_cache      kept chunks' KV in document order, one header                         (Sec. 3.3)
-  5. prefill_question    the question over the assembled cache, bottom-right causal            (Eqs. 9-11)
-  6. Calibration         inside the question's prefill: evict sink/recent/middle outlier tokens  (Sec. 4, Eq. 8)
-  7. decode              greedy (default) or temperature/top-p sampling
+  1. split_chunks      chunks that fit the trained window, cut at line/sentence ends                (Sec. 3.1)
+  2. encode_chunks     each chunk's K/V, positions reused from 0 in every chunk, chunks in parallel  (Sec. 3.1)
+  3. score_chunk       the question over one chunk: I_c (Eq. 3) and the chunk's KV eviction     (Sec. 3.2-3.3, Eqs. 3, 5-7)
+     keep_best         a fixed-size priority queue keeps the k chunks of lowest I_c               (Sec. 3.2)
+  4. assemble_cache    the kept chunks' K/V in document order, one header                         (Sec. 3.3)
+  5. prefill_question  the question over the assembled cache, bottom-right causal                  (Eqs. 9-11)
+  6. Calibration       inside the question's prefill: evict sink/recent/middle outlier tokens       (Sec. 4, Eq. 8)
+  7. decode            greedy (default) or temperature/top-p sampling
 
-`run_parallelcomp` chains stages 1-6 on token ids and `run_full` is the baseline; `answer` is the Python
-entry point on text (tokenize, prefill, decode, stats, trace).
+A chunk input is  header + chunk + question.  Causal attention means the header + chunk part never sees the
+question, so stage 2 runs without it and stage 3 feeds the question over the chunk's cached K/V at the positions
+that follow it: the same numbers as one forward over the whole chunk input. A one-shot run (`answer`) streams
+the chunks a batch at a time and keeps only the k best; a document session (session.py) keeps every chunk's K/V
+and runs stages 3-7 once per question. `run_parallelcomp` chains stages 1-6 on token ids, `run_full` is the
+baseline, and `answer` is the entry point on text (prepare, prefill, finish).
 
 Shapes: H query heads, Hkv key/value heads, g = H / Hkv, hd head dim, T tokens in a chunk input, S cached tokens.
-A chunk input is  header + chunk + question,  where header is what the tokenizer puts before any text (a BOS,
-or nothing) plus an optional chat prefix and instruction. Docstrings say where we differ from the authors' released code and why.
+The header is what the tokenizer puts before any text (a BOS, or nothing) plus an optional chat prefix and
+instruction. Docstrings say where we differ from the authors' released code and why.
 """
 from __future__ import annotations
 
@@ -60,18 +62,14 @@ class ParallelCompConfig:
     calibration_rows: int = 1  # r: last question rows whose attention is averaged
     region_size: int = 100  # sink = first, recent = last `region_size` tokens of each chunk
     chunk_batch: int = 4  # chunks per forward pass: the "parallel" in ParallelComp
-    question_bos: bool = False  # prepend a BOS to the question's own prefill (the authors' code does)
 
     def validate(self, args: ModelArgs) -> None:
-        def positive(name, allow_none=False):
+        for name in ("chunk_size", "kv_capacity", "keep_chunks", "window", "pool_kernel", "calibration_rows",
+                     "region_size", "chunk_batch"):
             value = getattr(self, name)
-            if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                return
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("chunk_size", "kv_capacity"):
-            positive(name, allow_none=True)
-        for name in ("keep_chunks", "window", "pool_kernel", "calibration_rows", "region_size", "chunk_batch"):
-            positive(name)
+            if not (value is None and name in ("chunk_size", "kv_capacity")) and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"pool_kernel must be odd (same padding), got {self.pool_kernel}")
         if self.kv_capacity is not None and self.chunk_size is not None and self.kv_capacity > self.chunk_size:
@@ -79,8 +77,7 @@ class ParallelCompConfig:
                               "it must be at most chunk_size")
         if not 0.0 < self.calibration_threshold <= 1.0:
             raise ConfigError(f"calibration_threshold must be in (0, 1], got {self.calibration_threshold}")
-        for rule in self.calibration:
-            region, first, last = rule
+        for region, first, last in self.calibration:
             if region not in REGIONS:
                 raise ConfigError(f"calibration region {region!r} unknown; use one of {', '.join(REGIONS)}")
             if not 1 <= first <= last <= args.n_layers:
@@ -131,7 +128,7 @@ def parse_calibration(spec: str, n_layers: int) -> list[tuple[str, int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stage 1: chunking with position reuse (Sec. 3.1)
+# Stage 1: chunking (Sec. 3.1)
 
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", '."', ".'", ".)", '?"', '!"')
 
@@ -209,10 +206,70 @@ def plan_cuts(strength: torch.Tensor, chunk_size: int, count: int, slack: int) -
 
 
 # ----------------------------------------------------------------------------------------------------
-# Stage 2: chunk scores by the question's self-information (Sec. 3.2, Eq. 3)
+# Stage 2: the chunks' own K/V, with position reuse, in parallel (Sec. 3.1)
+
+@dataclass
+class ChunkKV:
+    """One chunk's question-independent part after its prefill: the K/V of header + chunk tokens."""
+    index: int  # chunk number in the document
+    start: int  # offsets into the context ids
+    end: int
+    keys: list[torch.Tensor]  # per layer [Hkv, T, hd], T = n_header + end - start
+    values: list[torch.Tensor]
+    tail_queries: list[torch.Tensor]  # per layer [H, w, hd]: the last w = min(window, T) rows (stage 3)
+    last_logits: torch.Tensor  # [vocab] float32 at the last token: the prediction of the question's first token
+
+
+class ChunkPrefill:
+    """The cache hook (model.CacheHook) of a batch of chunk prefills: ordinary causal attention; each chunk's
+    K/V (its own memory, padding cut off) and its last `window` queries are stored, per layer."""
+
+    def __init__(self, lengths: list[int], window: int):
+        self.lengths, self.window = lengths, window
+        self.k, self.v, self.q = ([[] for _ in lengths] for _ in range(3))
+
+    def update(self, layer, q, k, v):
+        for b, n in enumerate(self.lengths):
+            self.k[b].append(k[b, :, :n].clone())
+            self.v[b].append(v[b, :, :n].clone())
+            self.q[b].append(q[b, :, max(0, n - self.window):n].clone())
+        return k, v
+
+
+@torch.inference_mode()
+def encode_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, bounds: list[tuple[int, int]],
+                  first_index: int, window: int) -> list[ChunkKV]:
+    """Stage 2 for one batch of chunks: the inputs header + context[start:end], right-padded, each at positions
+    0..n_c-1 (position reuse: every chunk stays inside the trained window), in one forward. Right padding is
+    exact: a real token never attends to a later (padding) key. Logits only at each chunk's last token."""
+    lengths = [len(header) + end - start for start, end in bounds]
+    tokens = torch.zeros(len(bounds), max(lengths), dtype=torch.long, device=context.device)  # (B, T)
+    for b, (start, end) in enumerate(bounds):
+        tokens[b, :lengths[b]] = torch.cat([header, context[start:end]])
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    hook = ChunkPrefill(lengths, window)
+    last = torch.tensor(lengths, device=tokens.device)[:, None] - 1  # (B, 1)
+    logits = model(tokens, positions, hook, logits_at=last)[:, 0]  # (B, vocab)
+    return [ChunkKV(first_index + b, start, end, hook.k[b], hook.v[b], hook.q[b], logits[b])
+            for b, (start, end) in enumerate(bounds)]
+
+
+def stream_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, bounds: list[tuple[int, int]],
+                  cfg: ParallelCompConfig, progress=None, first_index: int = 0):
+    """Every chunk's ChunkKV, `chunk_batch` chunks per forward (the "parallel" in ParallelComp), lazily: a one-shot
+    run holds one batch at a time. progress(done, total) is called after each batch has been consumed."""
+    for first in range(0, len(bounds), cfg.chunk_batch):
+        batch = bounds[first:first + cfg.chunk_batch]
+        yield from encode_chunks(model, header, context, batch, first_index + first, cfg.window)
+        if progress is not None:
+            progress(first + len(batch), len(bounds))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: the question over each chunk: its score (Sec. 3.2, Eq. 3) and its KV eviction (Sec. 3.3, Eqs. 5-7)
 
 def question_nll(logits: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-    """I_c = -log P(q | chunk_c) / |q| for a batch of chunks.
+    """Eq. 3: I_c = -log P(q | chunk_c) / |q|, the question's self-information given the chunk.
 
     logits: [B, Q, vocab], the rows just before each question token; question: [Q] ids. Returns [B] float32.
     Lower = the chunk makes the question more predictable = more relevant.
@@ -221,70 +278,43 @@ def question_nll(logits: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, question.expand(logits.shape[0], -1)[..., None]).squeeze(-1).mean(-1)
 
 
-@dataclass(order=True)
-class _Queued:
-    priority: tuple  # (-score, -index): the heap's top is the worst kept chunk (highest I_c, latest on ties)
-    chunk: "EncodedChunk" = field(compare=False)
+def snapkv_scores(q_win: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Eqs. 5-6: the attention of a chunk input's last W query rows over its T keys, summed over the rows.
 
-
-class ChunkQueue:
-    """Fixed-size priority queue keeping the k chunks with the lowest I_c (ties: the earlier chunk).
-
-    It never holds more than k chunks' KV caches, so memory does not grow with the input length.
-    The authors' `topk_windows` keeps the *highest* NLL when positive; `keep_chunks` here always keeps the lowest.
-    """
-
-    def __init__(self, k: int):
-        self.k, self.heap = k, []
-
-    def push(self, chunk: "EncodedChunk") -> None:
-        heapq.heappush(self.heap, _Queued((-chunk.score, -chunk.index), chunk))
-        if len(self.heap) > self.k:
-            heapq.heappop(self.heap)  # drop the worst; its KV cache is freed here
-
-    def kept(self) -> list["EncodedChunk"]:
-        """Kept chunks in document order."""
-        return sorted((q.chunk for q in self.heap), key=lambda c: c.index)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stage 3: parallel KV-cache eviction inside each chunk (Sec. 3.3, Eqs. 5-7; SnapKV-style)
-
-def snapkv_scores(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, window: int) -> torch.Tensor:
-    """Attention of each chunk's last `window` query rows over its keys, summed over the rows.
-
-    q: [B, H, T, hd], k: [B, Hkv, T, hd] for a batch of right-padded chunk inputs of real `lengths` [B].
+    q_win: [H, W, hd], the rows at positions T-W..T-1 (causal: row i sees keys 0..T-W+i); k: [Hkv, T, hd].
     GQA: scored per query head, then averaged over the heads sharing a KV head (the released code expands the
     cache to H heads instead, 4x the memory on Llama-3). flash-attn returns no probabilities, so this small
-    (window x T) score is an explicit matmul. Returns [B, Hkv, T] float32 (0 on padding).
+    (W x T) score is an explicit matmul. Returns [Hkv, T] float32.
     """
-    b, h, t, hd = q.shape
-    hkv, g = k.shape[1], h // k.shape[1]
-    rows = (lengths[:, None] - window + torch.arange(window, device=q.device)).clamp(min=0)  # (B, W)
-    q_win = q.gather(2, rows[:, None, :, None].expand(b, h, window, hd))  # (B, H, W, hd)
-    q_win = q_win.reshape(b, hkv, g * window, hd)  # heads of one KV group are adjacent: (B, Hkv, g*W, hd)
-    logits = (q_win @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # (B, Hkv, g*W, T)
-    visible = torch.arange(t, device=q.device)[None, None, :] <= rows[:, :, None]  # causal: (B, W, T)
-    logits = logits.masked_fill(~visible.repeat(1, g, 1)[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).view(b, hkv, g, window, t)
-    return probs.sum(3).mean(2)  # (B, Hkv, T)
+    h, w, hd = q_win.shape
+    hkv, t = k.shape[0], k.shape[1]
+    g = h // hkv
+    logits = (q_win.reshape(hkv, g * w, hd) @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # (Hkv, g*W, T)
+    visible = torch.arange(t, device=k.device)[None] <= t - w + torch.arange(w, device=k.device)[:, None]  # (W, T)
+    logits = logits.masked_fill(~visible.repeat(g, 1), float("-inf"))  # heads of a KV group are adjacent
+    return torch.softmax(logits, dim=-1).view(hkv, g, w, t).sum(2).mean(1)  # (Hkv, T)
 
 
-def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: int, kernel: int) -> torch.Tensor:
-    """Indices (into the chunk input) of the tokens one chunk keeps: its header, plus per KV head the top
+def kept_length(n_header: int, n_context: int, capacity: int | None) -> int:
+    """Tokens a chunk keeps after KV eviction: its header and at most `capacity` context tokens."""
+    return n_header + min(n_context, capacity or n_context)
+
+
+def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: int | None, kernel: int) -> torch.Tensor:
+    """Eq. 7: indices (into the chunk input) of the tokens one chunk keeps: its header, plus per KV head the top
     `capacity` context tokens by max-pooled score, in original order. The question copy is never kept.
 
     scores: [Hkv, T] for one chunk. Pooling runs over the context tokens only, so neither the header's nor the
     question's scores leak into their neighbours. Ties go to the earlier token.
-    Returns [Hkv, n_header + min(capacity, n_context)].
+    Returns [Hkv, kept_length(n_header, n_context, capacity)].
     """
     hkv = scores.shape[0]
-    header = torch.arange(n_header, device=scores.device).expand(hkv, n_header)
-    if capacity >= n_context:
+    if capacity is None or capacity >= n_context:
         return torch.arange(n_header + n_context, device=scores.device).expand(hkv, -1)
     ctx = scores[:, n_header:n_header + n_context]  # (Hkv, n_context)
     pooled = F.max_pool1d(ctx[:, None], kernel, stride=1, padding=kernel // 2).squeeze(1)  # (Hkv, n_context)
     top = torch.sort(pooled, dim=-1, descending=True, stable=True).indices[:, :capacity]
+    header = torch.arange(n_header, device=scores.device).expand(hkv, n_header)
     return torch.cat([header, n_header + top.sort(dim=-1).values], dim=-1)
 
 
@@ -296,7 +326,7 @@ def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EncodedChunk:
-    """A chunk after its prefill: score, and per layer the kept K/V ([Hkv, S, hd]) and their indices ([Hkv, S])
+    """A chunk after stage 3: its score, and per layer the kept K/V ([Hkv, S, hd]) and their indices ([Hkv, S])
     into the chunk input (header + context)."""
     index: int
     start: int  # offsets into the context ids
@@ -307,63 +337,94 @@ class EncodedChunk:
     kept: list[torch.Tensor]
 
 
-class ChunkCache:
-    """The cache hook (model.CacheHook) of a batch of chunk prefills: each layer attends with the chunk's full
-    keys (eviction only changes what is *stored*, so logits and scores are unaffected), and only the kept tokens
-    are stored, one layer at a time, so the batch's full K/V is never held across layers."""
+class QuestionOverChunk:
+    """The cache hook of the question's pass over one chunk: in every layer the question attends to the chunk's
+    K/V and causally to itself, as in one forward over header + chunk + question. With KV eviction the last
+    `window` rows (the question's, preceded by the chunk's tail when the question is shorter) score the chunk's
+    keys; only the kept header + context tokens are stored. The chunk's own logits and I_c are unaffected."""
 
-    def __init__(self, cfg: ParallelCompConfig, n_header: int, n_context: list[int], lengths: torch.Tensor):
-        self.cfg, self.n_header, self.n_context, self.lengths = cfg, n_header, n_context, lengths
-        self.kept: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S)
-        self.kept_k: list[list[torch.Tensor]] = [[] for _ in n_context]  # per chunk, per layer: (Hkv, S, hd)
-        self.kept_v: list[list[torch.Tensor]] = [[] for _ in n_context]
+    def __init__(self, chunk: ChunkKV, n_header: int, cfg: ParallelCompConfig):
+        self.chunk, self.n_header, self.cfg = chunk, n_header, cfg
+        self.kept, self.kept_k, self.kept_v = [], [], []
 
     def update(self, layer, q, k, v):
-        scores = None
-        if self.cfg.kv_capacity is not None:
-            scores = snapkv_scores(q, k, self.lengths, min(self.cfg.window, int(self.lengths.min())))  # (B, Hkv, T)
-        for b, n_ctx in enumerate(self.n_context):
-            if scores is None:
-                idx = torch.arange(self.n_header + n_ctx, device=k.device).expand(k.shape[1], -1)
-            else:
-                idx = snapkv_keep(scores[b], self.n_header, n_ctx, self.cfg.kv_capacity, self.cfg.pool_kernel)
-            self.kept[b].append(idx)
-            self.kept_k[b].append(take_tokens(k[b], idx))
-            self.kept_v[b].append(take_tokens(v[b], idx))
-        return k, v
+        ck, cv = self.chunk.keys[layer], self.chunk.values[layer]  # (Hkv, T, hd)
+        keys, values = torch.cat([ck[None], k], dim=2), torch.cat([cv[None], v], dim=2)  # (1, Hkv, T+Q, hd)
+        if self.cfg.kv_capacity is None:
+            idx = torch.arange(ck.shape[1], device=ck.device).expand(ck.shape[0], -1)
+            self.kept_k.append(ck)
+            self.kept_v.append(cv)
+        else:
+            rows = torch.cat([self.chunk.tail_queries[layer], q[0]], dim=1)[:, -self.cfg.window:]  # (H, W, hd)
+            idx = snapkv_keep(snapkv_scores(rows, keys[0]), self.n_header, ck.shape[1] - self.n_header,
+                              self.cfg.kv_capacity, self.cfg.pool_kernel)
+            self.kept_k.append(take_tokens(ck, idx))
+            self.kept_v.append(take_tokens(cv, idx))
+        self.kept.append(idx)
+        return keys, values
 
 
 @torch.inference_mode()
+def score_chunk(model: Transformer, chunk: ChunkKV, question: torch.Tensor, n_header: int,
+                cfg: ParallelCompConfig) -> EncodedChunk:
+    """Stage 3 for one chunk: feed the question over the chunk's cached K/V at positions T, T+1, ... (where it
+    sits in the chunk input header + chunk + question), read I_c off the rows before each question token (the
+    first from the chunk's own last logits), and keep the chunk's KV-eviction survivors."""
+    t, n_q = chunk.keys[0].shape[1], len(question)
+    positions = torch.arange(t, t + n_q, device=question.device)[None]
+    hook = QuestionOverChunk(chunk, n_header, cfg)
+    rows = torch.arange(n_q - 1, device=question.device)[None]  # the last question token predicts nothing
+    logits = torch.cat([chunk.last_logits[None], model(question[None], positions, hook, logits_at=rows)[0]])
+    score = float(question_nll(logits[None], question)[0])
+    return EncodedChunk(chunk.index, chunk.start, chunk.end, score, hook.kept_k, hook.kept_v, hook.kept)
+
+
+def keep_order(score: float, index: int) -> tuple[float, int]:
+    """The keep rule's sort key: lowest I_c first, ties to the earlier chunk, a NaN score (a broken chunk
+    forward) last. Every top-k in the project (ChunkQueue, distributed.py's global top-k) uses it."""
+    return (math.inf if math.isnan(score) else score, index)
+
+
+class ChunkQueue:
+    """Fixed-size priority queue keeping the k chunks first in keep_order.
+
+    It never holds more than k chunks' KV caches, so memory does not grow with the input length.
+    The authors' `topk_windows` keeps the *highest* NLL when positive; `keep_chunks` here always keeps the lowest.
+    """
+
+    def __init__(self, k: int):
+        self.k, self.heap = k, []
+
+    def push(self, chunk: EncodedChunk) -> None:
+        score, index = keep_order(chunk.score, chunk.index)  # the heap's top is the worst kept chunk
+        heapq.heappush(self.heap, (-score, -index, chunk))  # indices are unique: chunks are never compared
+        if len(self.heap) > self.k:
+            heapq.heappop(self.heap)  # drop the worst; its KV cache is freed here
+
+    def kept(self) -> list[EncodedChunk]:
+        """Kept chunks in document order."""
+        return sorted((entry[-1] for entry in self.heap), key=lambda c: c.index)
+
+
+def keep_best(model: Transformer, chunks, question: torch.Tensor, n_header: int,
+              cfg: ParallelCompConfig) -> tuple[list[EncodedChunk], torch.Tensor]:
+    """Stage 3 over a stream of ChunkKV: score each, keep the `keep_chunks` best (the queue).
+    Returns (kept chunks in document order, every score [C] float32 in stream order)."""
+    queue, scores = ChunkQueue(cfg.keep_chunks), []
+    for chunk in chunks:
+        encoded = score_chunk(model, chunk, question, n_header, cfg)
+        scores.append(encoded.score)
+        queue.push(encoded)
+    return queue.kept(), torch.tensor(scores, dtype=torch.float32)
+
+
 def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
                    bounds: list[tuple[int, int]], cfg: ParallelCompConfig, progress=None, first_index: int = 0):
-    """Stages 2-3 over the stream of chunks: `chunk_batch` chunk inputs per forward, right-padded, each at
-    positions 0..n_c-1 (position reuse), logits only at the rows that predict question tokens; the queue
-    keeps the `keep_chunks` best. Returns (kept chunks in document order, all scores [C] in document order).
-    first_index: the index of bounds[0] among all chunks (a rank of distributed.py encodes a block of them).
-    """
-    device, n_h, n_q = context.device, len(header), len(question)
-    queue, scores = ChunkQueue(cfg.keep_chunks), torch.empty(len(bounds))
-    for first in range(0, len(bounds), cfg.chunk_batch):
-        batch = bounds[first:first + cfg.chunk_batch]
-        n_ctx = [end - start for start, end in batch]
-        lengths = torch.tensor([n_h + n + n_q for n in n_ctx], device=device)
-        tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
-        for b, (start, end) in enumerate(batch):
-            tokens[b, :lengths[b]] = torch.cat([header, context[start:end], question])
-        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # reused in every chunk
-        # the row before each question token: chunk b's question starts at n_h + n_ctx[b]
-        rows = torch.tensor(n_ctx, device=device)[:, None] + n_h - 1 + torch.arange(n_q, device=device)  # (B, Q)
-        cache = ChunkCache(cfg, n_h, n_ctx, lengths)
-        logits = model(tokens, positions, cache, logits_at=rows)  # (B, Q, vocab)
-        batch_scores = question_nll(logits, question)
-        for b, (start, end) in enumerate(batch):
-            scores[first + b] = batch_scores[b]
-            queue.push(EncodedChunk(first_index + first + b, start, end, float(batch_scores[b]), cache.kept_k[b],
-                                    cache.kept_v[b], cache.kept[b]))
-        del cache, logits
-        if progress is not None:
-            progress(min(first + cfg.chunk_batch, len(bounds)), len(bounds))
-    return queue.kept(), scores
+    """Stages 2-3 of a one-shot run: the chunks stream by a batch at a time and only the k best stay.
+    first_index: the index of bounds[0] among all chunks (distributed.py gives each rank a block of them).
+    Returns (kept chunks in document order, all scores [C] in document order)."""
+    stream = stream_chunks(model, header, context, bounds, cfg, progress, first_index)
+    return keep_best(model, stream, question, len(header), cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,30 +594,26 @@ def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: i
 # ----------------------------------------------------------------------------------------------------
 # The whole method on token ids, and the baseline
 
-@torch.inference_mode()
+def read_question(model: Transformer, kept: list[EncodedChunk], n_header: int, question: torch.Tensor,
+                  cfg: ParallelCompConfig) -> tuple[AssembledCache, torch.Tensor, int]:
+    """Stages 4-6: assemble the kept chunks' cache and run the question over it (calibration inside).
+    The question has no BOS of its own (the authors' code prepends one). Returns (cache, logits of the last
+    question token [vocab], the position of the first generated token)."""
+    cache, m = assemble_cache(kept, n_header)
+    return cache, prefill_question(model, cache, question, m, cfg), m + len(question)
+
+
 def run_parallelcomp(model: Transformer, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor,
-                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None, bos_id: int | None = None,
-                     group=None):
+                     cfg: ParallelCompConfig, strength: torch.Tensor, progress=None, chunk_prefill=None):
     """Stages 1-6 on token ids (cfg.chunk_size set). strength: [N] boundary strength of the context tokens.
-    Returns (cache, logits of the last question token, next position, info dict for stats and the trace).
-    group: a torch.distributed process group whose ranks share the chunk prefill (distributed.py); rank 0
-    goes on with stages 4-6, the other ranks return None."""
+    chunk_prefill: stages 2-3 with prefill_chunks' signature (default prefill_chunks; distributed.py passes one
+    that spreads the chunks over ranks). Returns (cache, logits of the last question token, next position,
+    info: chunk bounds, scores and kept indices, and the cache, for stats and the trace)."""
     bounds = split_chunks(strength, cfg.chunk_size)
-    ranks = {}
-    if group is None:
-        kept, scores = prefill_chunks(model, header, context, question, bounds, cfg, progress)
-    else:
-        from distributed import prefill_chunks_distributed  # torch.distributed stays out of this file
-        out = prefill_chunks_distributed(model, header, context, question, bounds, cfg, progress, group)
-        if out is None:
-            return None
-        kept, scores, ranks = out
-    cache, m = assemble_cache(kept, len(header))
-    if cfg.question_bos and bos_id is not None:
-        question = torch.cat([question.new_tensor([bos_id]), question])
-    logits = prefill_question(model, cache, question, m, cfg)
-    info = {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], "cache": cache, **ranks}
-    return cache, logits, m + len(question), info
+    kept, scores = (chunk_prefill or prefill_chunks)(model, header, context, question, bounds, cfg, progress)
+    cache, logits, next_pos = read_question(model, kept, len(header), question, cfg)
+    return cache, logits, next_pos, {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept],
+                                     "cache": cache}
 
 
 @torch.inference_mode()
@@ -577,7 +634,7 @@ def middle_truncate(context: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The Python entry point on text, and the porter's trace
+# The entry point on text: prepare, prefill, finish
 
 LARGEST_DEFAULT_WINDOW = 32768
 
@@ -585,21 +642,71 @@ LARGEST_DEFAULT_WINDOW = 32768
 def default_chunk_size(args: ModelArgs, n_header: int, n_question: int, max_new_tokens: int) -> int:
     """The model's trained window minus the header, the question and the tokens to generate (the margin), so
     chunk prefill, the question (at positions M..) and the answer all stay inside the trained window.
-
-    A config window above LARGEST_DEFAULT_WINDOW (32K, the longest window models are commonly pre-trained on)
-    is not trusted: such configs (Mistral-Nemo says 1,024,000) describe extended windows, and a default chunk
-    that large would silently be full attention over the whole input. Then chunk_size must be given."""
+    A config window above 32K (the longest window models are commonly pre-trained on) describes an extended
+    window (Mistral-Nemo says 1,024,000): a default chunk that large would silently be full attention."""
     if args.trained_window > LARGEST_DEFAULT_WINDOW:
         raise ConfigError(f"the checkpoint's config claims a {args.trained_window:,}-token window, too large to "
                           f"derive a chunk size from (above {LARGEST_DEFAULT_WINDOW:,} one chunk would be full "
                           "attention over the whole input); pass --chunk-size (the paper used 3,600-7,600)")
     size = args.trained_window - n_header - n_question - max_new_tokens
     if size < 1:
-        with_header = f" and the header ({n_header} tokens: BOS, chat prefix, instruction)" if n_header > 1 else ""
-        raise ConfigError(f"the question ({n_question} tokens){with_header} plus max_new_tokens ({max_new_tokens}) "
-                          f"leave no room for context in the model's trained window ({args.trained_window} tokens); "
-                          "shorten them", about="question")
+        raise ConfigError(f"the question ({n_question} tokens){header_note(n_header, ' and')} plus max_new_tokens "
+                          f"({max_new_tokens}) leave no room for context in the model's trained window "
+                          f"({args.trained_window} tokens); shorten them", about="question")
     return size
+
+
+def header_note(n_header: int, join: str) -> str:
+    return f"{join} the header ({n_header} tokens: BOS, chat prefix, instruction)" if n_header > 1 else ""
+
+
+def check_question(args: ModelArgs, header: torch.Tensor, question: torch.Tensor) -> None:
+    if len(question) == 0:
+        raise ConfigError("the question is empty; pass a question", about="question")
+    if len(header) + len(question) > args.trained_window:
+        raise ConfigError(f"the question is {len(question)} tokens{header_note(len(header), ' with')}, longer than "
+                          f"the model's trained window ({args.trained_window}); shorten it", about="question")
+    if int(question.max()) >= args.vocab_size:
+        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
+                          "the tokenizer files do not belong to this checkpoint")
+
+
+def check_context(args: ModelArgs, header: torch.Tensor, context: torch.Tensor) -> None:
+    if len(context) == 0:
+        raise ConfigError("the context is empty; give the text to answer the question about")
+    if int(torch.cat([header, context]).max()) >= args.vocab_size:
+        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
+                          "the tokenizer files do not belong to this checkpoint")
+
+
+@dataclass
+class Prompt:
+    """A prompt as checked token ids on the model's device, with the config it runs under (chunk_size set)."""
+    header: torch.Tensor
+    context: torch.Tensor
+    question: torch.Tensor
+    cfg: ParallelCompConfig
+    strength: torch.Tensor  # [N] boundary strength of each context token (stage 1)
+
+
+def prepare(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
+            chat: bool = False, instruction: str = "", max_new_tokens: int = 32) -> Prompt:
+    """Tokenize (tokenizer.encode_prompt: header, context and question ids; with `chat` the chat template;
+    `instruction`, text before the context, ends the header that every chunk input repeats, so every chunk
+    reads it and it is not scored as the question), refuse what cannot run, and fill in the default chunk size."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode_prompt(context, question, chat, instruction)
+    header, context_ids, question_ids = (torch.tensor(x, dtype=torch.long, device=device)
+                                         for x in (ids.header, ids.context, ids.question))
+    check_question(model.args, header, question_ids)
+    check_context(model.args, header, context_ids)
+    cfg = config or ParallelCompConfig()
+    if cfg.chunk_size is None:
+        size = default_chunk_size(model.args, len(header), len(question_ids), max_new_tokens)
+        cfg = dataclasses.replace(cfg, chunk_size=size)
+    cfg.validate(model.args)
+    strength = boundary_strength(tokenizer.token_texts)[context_ids.cpu()]
+    return Prompt(header, context_ids, question_ids, cfg, strength)
 
 
 @dataclass
@@ -610,87 +717,65 @@ class Result:
     trace: dict[str, torch.Tensor] | None = None
 
 
-def check_prompt(args: ModelArgs, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor) -> None:
-    """Refuse prompts that cannot run, before any forward pass."""
-    if len(question) == 0:
-        raise ConfigError("the question is empty; pass a question", about="question")
-    if len(header) + len(question) > args.trained_window:
-        with_header = f" (with the {len(header)} header tokens: BOS, chat prefix, instruction)" if len(header) > 1 else ""
-        raise ConfigError(f"the question is {len(question)} tokens{with_header}, longer than the model's trained "
-                          f"window ({args.trained_window}); shorten it", about="question")
-    if len(context) == 0:
-        raise ConfigError("the context is empty; give the text to answer the question about")
-    if int(torch.cat([header, context, question]).max()) >= args.vocab_size:
-        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
-                          "the tokenizer files do not belong to this checkpoint")
+def elapsed(t0: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def answer(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
+           method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int | None = None, chat: bool = False, full_max_tokens: int | None = None, progress=None,
+           on_text=None, trace: bool = False, instruction: str = "", chunk_prefill=None) -> Result:
+    """Answer `question` about `context` with `method` ("parallelcomp", or "full": the baseline, whose context
+    `full_max_tokens` middle-truncates): prepare, prefill, then finish (decode, stats, the trace when asked).
+    progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token; chunk_prefill
+    replaces stages 2-3 (see run_parallelcomp)."""
+    if method not in ("parallelcomp", "full"):
+        raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
+    prompt = prepare(model, tokenizer, context, question, config, chat, instruction, max_new_tokens)
+    t0, info = time.perf_counter(), None
+    if method == "parallelcomp":
+        cache, logits, next_pos, info = run_parallelcomp(model, prompt.header, prompt.context, prompt.question,
+                                                         prompt.cfg, prompt.strength, progress, chunk_prefill)
+    else:
+        ctx = prompt.context if full_max_tokens is None else middle_truncate(
+            prompt.context, max(0, full_max_tokens - len(prompt.header) - len(prompt.question)))
+        cache, logits, next_pos = run_full(model, torch.cat([prompt.header, ctx, prompt.question]))
+    prefill_s = elapsed(t0, logits.device)
+    return finish(model, tokenizer, prompt, cache, logits, next_pos, info, prefill_s, max_new_tokens,
+                  temperature, top_p, seed, on_text, trace)
 
 
 def cache_bytes(cache: KVCache) -> int:
     return sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
 
 
-def answer(model: Transformer, tokenizer, context: str, question: str, config: ParallelCompConfig | None = None,
-           method: str = "parallelcomp", max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-           seed: int | None = None, chat: bool = False, full_max_tokens: int | None = None,
-           progress=None, on_text=None, trace: bool = False, group=None, instruction: str = "") -> Result | None:
-    """Answer `question` about `context`: tokenize (tokenizer.encode_prompt: header, context and question ids,
-    with the chat template when `chat`; `instruction`, text before the context, goes into the header that every
-    chunk input repeats, so it is read by every chunk and not scored as the question), prefill with `method`
-    ("parallelcomp", or "full": the baseline;
-    `full_max_tokens` middle-truncates its context), decode, and report stats (and the trace when asked).
-    progress(done, total) is called per chunk batch; on_text(text_so_far) per generated token.
-    group: a torch.distributed process group (distributed.setup() joins torchrun's) whose ranks share the chunk
-    prefill; every rank calls answer with the same arguments, rank 0 returns the Result, the others None."""
-    if method not in ("parallelcomp", "full"):
-        raise ConfigError(f"method must be 'parallelcomp' or 'full', got {method!r}")
-    cfg, args, device = config or ParallelCompConfig(), model.args, next(model.parameters()).device
-    prompt = tokenizer.encode_prompt(context, question, chat, instruction)
-    header, context_ids, question_ids = (torch.tensor(x, dtype=torch.long, device=device)
-                                         for x in (prompt.header, prompt.context, prompt.question))
-    check_prompt(args, header, context_ids, question_ids)
-    if cfg.chunk_size is None:
-        cfg = dataclasses.replace(cfg, chunk_size=default_chunk_size(args, len(header), len(question_ids),
-                                                                       max_new_tokens))
-    cfg.validate(args)
-    stats = {"method": method, "input_tokens": len(header) + len(context_ids) + len(question_ids)}
-
-    t0 = time.perf_counter()
-    if method == "parallelcomp":
-        strength = boundary_strength(tokenizer.token_texts)[context_ids.cpu()]
-        out = run_parallelcomp(model, header, context_ids, question_ids, cfg, strength, progress, tokenizer.bos_id,
-                               group)
-        if out is None:
-            return None  # another rank decodes
-        cache, logits, next_pos, info = out
-        if group is not None:
-            stats.update(ranks=len(info["rank_prefill_s"]), rank_prefill_s=info["rank_prefill_s"],
-                         kv_bytes_moved=info["kv_bytes_moved"], report_bytes=info["report_bytes"])
-        stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=cfg.chunk_size,
+def finish(model: Transformer, tokenizer, prompt: Prompt, cache: KVCache, logits: torch.Tensor, next_pos: int,
+           info: dict | None, prefill_s: float, max_new_tokens: int = 32, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int | None = None, on_text=None, trace: bool = False) -> Result:
+    """Decode from a prefilled cache, then the Result: text, stats and (when asked) the trace.
+    info: run_parallelcomp's, or None for the full-attention baseline."""
+    n_q = len(prompt.question)
+    stats = {"method": "parallelcomp" if info else "full",
+             "input_tokens": len(prompt.header) + len(prompt.context) + n_q}
+    if info:
+        stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=prompt.cfg.chunk_size,
                      cache_tokens=round(sum(o.shape[1] for o in cache.offset) / len(cache.offset)))
-    elif group is not None and group.rank() != 0:
-        return None  # the baseline runs on rank 0 alone
     else:
-        ctx = context_ids if full_max_tokens is None else middle_truncate(
-            context_ids, max(0, full_max_tokens - len(header) - len(question_ids)))
-        cache, logits, next_pos = run_full(model, torch.cat([header, ctx, question_ids]))
-        stats.update(cache_tokens=cache.length - len(question_ids))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    stats.update(prefill_s=time.perf_counter() - t0, cache_bytes=cache_bytes(cache))
-
+        stats.update(cache_tokens=cache.length - n_q)
+    stats.update(prefill_s=prefill_s, cache_bytes=cache_bytes(cache))
     t1 = time.perf_counter()
     on_token = (lambda out: on_text(tokenizer.decode(out))) if on_text is not None else None
     out = decode(model, cache, logits, next_pos, max_new_tokens, set(tokenizer.stop_ids), temperature, top_p,
                  seed, on_token)
-    decode_s = time.perf_counter() - t1
+    decode_s = elapsed(t1, logits.device)
     stats.update(decode_s=decode_s, new_tokens=len(out), tokens_per_s=len(out) / decode_s if decode_s > 0 else 0.0)
     result = Result(out, tokenizer.decode(out), stats)
     if trace:
-        result.trace = {"header_ids": header.cpu(), "context_ids": context_ids.cpu(),
-                        "question_ids": question_ids.cpu(), "generated_ids": torch.tensor(out, dtype=torch.long),
-                        "first_logits": logits.float().cpu()}
-        if method == "parallelcomp":
-            result.trace.update(make_trace(info))
+        result.trace = {"header_ids": prompt.header.cpu(), "context_ids": prompt.context.cpu(),
+                        "question_ids": prompt.question.cpu(), "generated_ids": torch.tensor(out, dtype=torch.long),
+                        "first_logits": logits.float().cpu(), **(make_trace(info) if info else {})}
     return result
 
 
@@ -700,8 +785,6 @@ def make_trace(info: dict) -> dict[str, torch.Tensor]:
     trace = {"chunk_bounds": torch.tensor(info["bounds"], dtype=torch.long),
              "chunk_scores": info["scores"].float(),
              "kept_chunks": torch.tensor(info["kept"], dtype=torch.long)}
-    if "chunk_rank" in info:
-        trace["chunk_rank"] = info["chunk_rank"]  # distributed: the rank that encoded each chunk
     for layer in range(len(cache.k)):
         trace[f"kv_kept.{layer}"] = cache.kv_offsets[layer].to("cpu", copy=True)  # own memory: safetensors
         trace[f"calibration_kept.{layer}"] = cache.offset[layer].to("cpu", copy=True)  # refuses shared storage

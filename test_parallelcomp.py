@@ -344,9 +344,10 @@ def test_snapkv_matches_naive_reference(h, hkv):
     q, k = torch.randn(b, h, t, hd, dtype=torch.float64), torch.randn(b, hkv, t, hd, dtype=torch.float64)
     n_context = [33, 20, 25]  # right-padded batch
     lengths = torch.tensor([n_header + n + n_q for n in n_context])
-    scores = pc.snapkv_scores(q, k, lengths, window)
     for i in range(b):
-        got = pc.snapkv_keep(scores[i], n_header, n_context[i], cap, kernel)
+        n = int(lengths[i])
+        scores = pc.snapkv_scores(q[i, :, n - window:n], k[i, :, :n])
+        got = pc.snapkv_keep(scores, n_header, n_context[i], cap, kernel)
         want = naive_keep(q[i], k[i], int(lengths[i]), n_header, n_context[i], window, cap, kernel)
         assert got.tolist() == want
 

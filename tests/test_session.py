@@ -1,0 +1,136 @@
+"""Document sessions (session.py): the document's chunks are encoded once, and every question's run equals a
+one-shot parallelcomp.answer run of the same prompt: trace for trace (ids, chunk bounds and scores, kept chunks,
+kept KV positions, calibration, first logits, generated tokens). Then the cache file and its refusals."""
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+import parallelcomp as pc
+from demo.passkey import make_example
+from model import load_model
+from session import CacheError, Document
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "demo", "model")
+QUESTIONS = [" What is the pass key? The pass key is", " Which number is the pass key? The pass key is",
+             " What?"]  # the last one is shorter than the observation window: the chunk's tail queries score too
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, tok = load_model(DEMO), load_tokenizer(DEMO)
+    context, _, _ = make_example(random.Random(3), tok, 1500, 0.6)
+    return model, tok, context
+
+
+def assert_same_trace(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=name)
+        else:
+            assert torch.equal(got[name], tensor), name
+
+
+CONFIGS = {
+    "plain": dict(chunk_size=240, keep_chunks=2),
+    "kv eviction": dict(chunk_size=240, keep_chunks=2, kv_capacity=60, chunk_batch=3),
+    "calibration": dict(chunk_size=240, keep_chunks=3, kv_capacity=100, calibration=[("all", 1, 2)],
+                        calibration_threshold=0.03),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_question_equals_a_one_shot_run(demo, name):
+    model, tok, context = demo
+    cfg = pc.ParallelCompConfig(**CONFIGS[name])
+    doc = Document.encode(model, tok, context, cfg, questions=QUESTIONS)
+    assert len(doc.chunks) > cfg.keep_chunks
+    for question in QUESTIONS:
+        got = doc.answer(question, max_new_tokens=6, trace=True)
+        want = pc.answer(model, tok, context, question, cfg, max_new_tokens=6, trace=True)
+        assert_same_trace(got.trace, want.trace)
+        assert got.text == want.text
+    if cfg.kv_capacity:  # the per-question eviction selected from the full chunk K/V, which stays whole
+        assert all(k.shape[1] == 1 + c.end - c.start for c in doc.chunks for k in c.keys)
+
+
+def test_a_saved_and_loaded_document_answers_as_before(demo, tmp_path):
+    model, tok, context = demo
+    cfg = pc.ParallelCompConfig(**CONFIGS["kv eviction"])
+    doc = Document.encode(model, tok, context, cfg, questions=QUESTIONS[:1])
+    path = str(tmp_path / "doc.safetensors")
+    assert doc.save(path) == os.path.getsize(path) > doc.kv_bytes()
+    assert os.listdir(tmp_path) == ["doc.safetensors"]  # no temporary file left behind
+    loaded = Document.load(path, model, tok, context, pc.ParallelCompConfig(keep_chunks=2, kv_capacity=60))
+    assert_same_trace(loaded.answer(QUESTIONS[1], max_new_tokens=6, trace=True).trace,
+                      pc.answer(model, tok, context, QUESTIONS[1], cfg, max_new_tokens=6, trace=True).trace)
+
+
+def test_a_session_over_a_chat_template_equals_one_shot(tmp_path, bpe_tokenizer_dir):
+    from conftest import make_checkpoint
+    from test_chat import LLAMA3_TEMPLATE
+    path = make_checkpoint(str(tmp_path / "chat"), vocab_size=640, max_position_embeddings=512)
+    for name in os.listdir(bpe_tokenizer_dir):
+        shutil.copy(os.path.join(bpe_tokenizer_dir, name), path)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        tok_cfg = json.load(f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({**tok_cfg, "chat_template": LLAMA3_TEMPLATE}, f)
+    model, tok = load_model(path), load_tokenizer(path)
+    context = "The grass is green. The sky is blue. " * 40 + "The code is 4411. " + "The sun is warm. " * 40
+    cfg = pc.ParallelCompConfig(chunk_size=100, keep_chunks=1, kv_capacity=50)
+    questions = ["What is the code?", "What colour is the sky?"]
+    doc = Document.encode(model, tok, context, cfg, chat=True, questions=questions)
+    for question in questions:
+        assert_same_trace(doc.answer(question, max_new_tokens=4, trace=True).trace,
+                          pc.answer(model, tok, context, question, cfg, chat=True, max_new_tokens=4, trace=True).trace)
+
+
+def test_a_cache_for_something_else_is_refused(demo, tmp_path):
+    model, tok, context = demo
+    doc = Document.encode(model, tok, context, pc.ParallelCompConfig(chunk_size=240), questions=QUESTIONS[:1])
+    path = str(tmp_path / "doc.safetensors")
+    doc.save(path)
+    with pytest.raises(CacheError, match="another text"):
+        Document.load(path, model, tok, context + " More.")
+    with pytest.raises(CacheError, match="another text"):
+        Document.load(path, model, tok, context, instruction="Read this. ")
+    with pytest.raises(CacheError, match="chunk_size 240, not 300"):
+        Document.load(path, model, tok, context, pc.ParallelCompConfig(chunk_size=300))
+    with pytest.raises(CacheError, match="another dtype"):
+        Document.load(path, load_model(DEMO, dtype=torch.bfloat16), tok, context)
+    other = load_model(DEMO)
+    with torch.no_grad():
+        other.layers[-1].feed_forward.w2.weight[0, 0] += 1.0
+    with pytest.raises(CacheError, match="another checkpoint"):
+        Document.load(path, other, tok, context)
+    data = open(path, "rb").read()
+    for name, damaged in (("truncated", data[:len(data) // 2]), ("garbage", b"\x07" * 64), ("empty", b"")):
+        bad = str(tmp_path / f"{name}.safetensors")
+        with open(bad, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(CacheError, match="damaged"):
+            Document.load(bad, model, tok, context)
+    with pytest.raises(CacheError, match="not found"):
+        Document.load(str(tmp_path / "missing.safetensors"), model, tok, context)
+
+
+def test_an_interrupted_save_leaves_no_file(demo, tmp_path, monkeypatch):
+    model, tok, context = demo
+    doc = Document.encode(model, tok, context, pc.ParallelCompConfig(chunk_size=240), questions=QUESTIONS[:1])
+    import session
+
+    def fail(tensors, filename, metadata):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(session, "save_file", fail)
+    with pytest.raises(KeyboardInterrupt):
+        doc.save(str(tmp_path / "doc.safetensors"))
+    assert os.listdir(tmp_path) == []
