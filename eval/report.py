@@ -25,6 +25,17 @@ def load(paths: list[str]) -> list[dict]:
     return rows
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion: successes out of n trials. A mean of fractional scores
+    (string_match_all) enters as successes = the sum of the scores, an approximation that the tables name."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one example")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
