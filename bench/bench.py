@@ -1,38 +1,18 @@
-"""Speed and memory of ParallelComp against full attention, per input length, on one machine.
+"""Speed and memory of ParallelComp against full attention, per input length, on one machine: the measurement.
 
     python bench/bench.py --shape 20m --lengths 4096,16384,32768,131072 --out bench/results/cpu-20m
     python bench/bench.py --ckpt DIR --device cuda --lengths 32768,131072 --out /tmp/bench
 
-For every length it runs, back to back (so slow drifts in machine load hit all methods alike):
+For every length, back to back (slow drifts in machine load hit all methods alike): full attention over all N
+tokens, and ParallelComp with 1 and --chunk-batch chunks per forward, each with and without KV eviction to
+half a chunk. Each row: prefill seconds, decode ms/token, peak memory (process RSS on CPU, each measurement
+in a fresh process; on GPU torch.cuda.max_memory_allocated and _reserved, reset per measurement), and the
+FLOPs the prefill had to do over the matmul rate measured in the same process. Weights (unless --ckpt) and
+token ids are random. Attention goes through SDPA with the --sdpa backends only, in that order; the log names
+the backend each kind of call gets. A row that raises is recorded as failed and the sweep goes on.
 
-  full          one ordinary forward over all N tokens at positions 0..N-1: the baseline a user would run
-  pc b=1        ParallelComp, one chunk per forward (the authors' code's default)
-  pc b=B        ParallelComp, up to B chunks per forward (--chunk-batch; the chunks_per_forward column says
-                how many really went: 9 chunks at b=16 are one forward of 9)
-  ... +kv       the same with KV eviction (kv_capacity = half a chunk, as the authors)
-
-and records prefill seconds, decode ms/token, peak memory (process RSS on CPU, each measurement in a fresh
-process so peaks do not mix; on GPU torch.cuda.max_memory_allocated and max_memory_reserved, reset per
-measurement) and the FLOPs the prefill had to do over the matmul rate measured in the same process just
-before and after (the higher). Weights are random (no checkpoint needed) unless --ckpt is given; token ids
-are random. Writes results.csv, results.md, log.txt and two PNG plots (time and memory against input
-length, log scales) into --out.
-
-On GPU (--warmup same, the default there) each measurement first runs once untimed on the same input, so
-kernel selection, library heuristics and the caching allocator's growth at those shapes are not timed.
-Attention goes through SDPA with the backends of --sdpa only, in that priority order (default flash,
-efficient, math: cuDNN's backend builds a graph per new key length, i.e. per decode step); the log says
-which backend each kind of attention call gets, and the cuDNN version. A row that raises is recorded as
-failed, with the error, and the sweep goes on.
-
-FLOP count (prefill_flops): a causal forward over T tokens costs
-    2 * L * P_layer * T            every token through the layer weights (P_layer: attention + MLP matrices)
-  + 4 * L * H * hd * T(T+1)/2      QK^T and PV, each a multiply-add per (query, visible key) pair and dim
-  + 2 * dim * vocab * R            the LM head on the R rows whose logits are needed
-Full attention: one sequence, T = N, R = 1. ParallelComp: every chunk input (BOS + chunk + question copy,
-R = question tokens) plus the question's prefill over the assembled cache. Right-padding of batched
-chunks, KV-eviction scoring (a window of 8 rows) and elementwise work are not counted: this is the work
-the method needs, so the achieved rate is a lower bound on the hardware's.
+Writes results.csv, results.json (for report.py) and log.txt into --out, then report.py's results.md and two
+plots. bench/README.md has the details.
 """
 from __future__ import annotations
 
@@ -42,20 +22,24 @@ import json
 import math
 import os
 import resource
-import subprocess
+import multiprocessing
 import sys
 import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 
+import report  # noqa: E402
+from methods import CODES, FULL, Method, from_codes  # noqa: E402
 from model import ModelArgs, Transformer, attention, load_args, load_model, rope_inv_freq, use_flash  # noqa: E402
 from parallelcomp import ParallelCompConfig, decode, default_chunk_size, run_full, run_parallelcomp  # noqa: E402
 
@@ -74,7 +58,21 @@ SHAPES = {
                       vocab_size=32000, max_position_embeddings=4096),
 }
 QUESTION_TOKENS = 16
-PLOT_STYLE = {"full": ("black", "o"), "pc b=1": ("tab:blue", "s"), "pc b=1 +kv": ("tab:cyan", "^")}
+KEEP_CHUNKS = 3
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every measurement of a run shares: the command line with device, dtype and warm-up resolved."""
+    shape: str | None  # random weights of this SHAPES entry, or
+    ckpt: str | None  # a checkpoint folder
+    device: str
+    dtype: str
+    seed: int  # weights and token ids
+    threads: int
+    decode_tokens: int
+    sdpa: list[str]  # SDPA backends allowed, in priority order
+    warmup: str  # 'same': each measurement once untimed first; 'small': one small forward per process
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,11 +93,11 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
     return model.eval()
 
 
-def build_model(spec: dict) -> Transformer:
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    if spec.get("ckpt"):
-        return load_model(spec["ckpt"], device=device, dtype=dtype)
-    return random_model(ModelArgs(**SHAPES[spec["shape"]]), device, dtype, spec["seed"])
+def build_model(setup: Setup) -> Transformer:
+    device, dtype = torch.device(setup.device), getattr(torch, setup.dtype)
+    if setup.ckpt:
+        return load_model(setup.ckpt, device=device, dtype=dtype)
+    return random_model(ModelArgs(**SHAPES[setup.shape]), device, dtype, setup.seed)
 
 
 def n_params(args: ModelArgs) -> int:
@@ -126,14 +124,21 @@ def layer_matmul_params(args: ModelArgs) -> int:
 
 
 def forward_flops(args: ModelArgs, t: int, r: int, cached: int = 0) -> float:
-    """A causal forward of t new tokens over `cached` earlier keys, LM head on r rows."""
+    """A causal forward of t new tokens over `cached` earlier keys, LM head on r rows:
+        2 * L * P_layer * t            every token through the layer weights (P_layer: attention + MLP matrices)
+      + 4 * L * H * hd * pairs         QK^T and PV, a multiply-add per (query, visible key) pair and dim
+      + 2 * dim * vocab * r            the LM head on the rows whose logits are needed"""
     attn_pairs = t * cached + t * (t + 1) / 2  # (query, visible key) pairs
     return (2 * args.n_layers * layer_matmul_params(args) * t + 4 * args.n_layers * args.n_heads * args.head_dim
             * attn_pairs + 2 * args.dim * args.vocab_size * r)
 
 
-def prefill_flops(args: ModelArgs, method: str, n_tokens: int, bounds=None, cache_tokens: int = 0) -> float:
-    if method == "full":
+def prefill_flops(args: ModelArgs, n_tokens: int, bounds: list | None, cache_tokens: int) -> float:
+    """Full attention (bounds None): one forward, t = N, r = 1. ParallelComp: every chunk input (BOS + chunk +
+    question copy, r = question tokens) plus the question over the assembled cache. Right-padding of batched
+    chunks, KV-eviction scoring and elementwise work are not counted: this is the work the method needs, so
+    the achieved rate is a lower bound on the hardware's."""
+    if bounds is None:
         return forward_flops(args, n_tokens, 1)
     chunks = sum(forward_flops(args, 1 + end - start + QUESTION_TOKENS, QUESTION_TOKENS) for start, end in bounds)
     return chunks + forward_flops(args, QUESTION_TOKENS, 1, cached=cache_tokens)
@@ -207,63 +212,43 @@ ATTENTION_CALLS = {"chunk prefill and full attention (Tq = Tk, is_causal)": (64,
 
 
 def sdpa_only(names: list[str]):
-    """SDPA restricted to these backends, tried in this order (torch >= 2.6 honours the order)."""
-    backends = [SDPA_BACKENDS[n] for n in names]
-    try:
-        return sdpa_kernel(backends, set_priority=True)
-    except TypeError:  # older torch: no priority argument; its own order among the allowed backends
-        return sdpa_kernel(backends)
+    """SDPA restricted to these backends, tried in this order."""
+    return sdpa_kernel([SDPA_BACKENDS[n] for n in names], set_priority=True)
 
 
-def attention_backends(args: ModelArgs, device: torch.device, dtype: torch.dtype, names: list[str]) -> dict:
-    """Which backend serves each kind of attention call: flash-attn where model.use_flash says so, else the
-    first of `names` that accepts a probe of that kind at the model's head counts, head dim and dtype."""
-    out = {}
-    for label, (t_q, t_k) in ATTENTION_CALLS.items():
-        q = torch.randn(1, args.n_heads, t_q, args.head_dim, device=device, dtype=dtype)
-        k = torch.randn(1, args.n_kv_heads, t_k, args.head_dim, device=device, dtype=dtype)
-        if use_flash(q):
-            out[label] = "flash-attn package (flash_attn_func)"
+def first_backend(q: torch.Tensor, k: torch.Tensor, names: list[str]) -> str:
+    """The first SDPA backend of `names` that accepts this call of model.attention."""
+    for name in names:
+        try:
+            with warnings.catch_warnings(), sdpa_only([name]):
+                warnings.simplefilter("ignore")  # SDPA warns why each refused backend refused
+                attention(q, k, k)
+            sync(q.device)
+            return name
+        except RuntimeError:
             continue
-        out[label] = "none of the allowed backends: these calls fail"
-        for name in names:
-            try:
-                with warnings.catch_warnings(), sdpa_only([name]):
-                    warnings.simplefilter("ignore")  # SDPA warns why each refused backend refused
-                    attention(q, k, k)
-                sync(device)
-            except RuntimeError:
-                continue
-            out[label] = name
-            break
-    return out
+    return "none of the allowed backends: these calls fail"
 
 
 def machine_lines(args: ModelArgs, device: torch.device, dtype: torch.dtype, names: list[str]) -> list[str]:
-    """torch, CUDA, cuDNN versions and the attention backend of each kind of call, for the log."""
+    """torch, CUDA, cuDNN versions and the attention backend each kind of call gets (flash-attn where
+    model.use_flash says so), probed at the model's head counts, head dim and dtype, for the log."""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     flash = use_flash(torch.empty(1, device=device, dtype=dtype))
     lines = [f"torch {torch.__version__}; CUDA {torch.version.cuda}; cuDNN {cudnn}; flash-attn "
              f"{'used by model.attention' if flash else 'not used (not installed, or not CUDA in half precision)'}",
              f"SDPA backends allowed, in priority order: {', '.join(names)}"
              + ("" if "cudnn" in names else " (cuDNN left out: it builds a graph per new key length)")]
-    for label, backend in attention_backends(args, device, dtype, names).items():
-        lines.append(f"  {label}: {backend}")
+    for label, (t_q, t_k) in ATTENTION_CALLS.items():
+        q = torch.randn(1, args.n_heads, t_q, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, args.n_kv_heads, t_k, args.head_dim, device=device, dtype=dtype)
+        lines.append(f"  {label}: " + ("flash-attn package (flash_attn_func)" if use_flash(q)
+                                       else first_backend(q, k, names)))
     return lines
 
 
 # ----------------------------------------------------------------------------------------------------
 # One measurement
-
-KEEP_CHUNKS = 3
-
-
-def method_config(method: str, chunk_size: int, chunk_batch: int) -> ParallelCompConfig:
-    """'pc b=4 +kv' -> chunk_batch 4 with KV eviction to half a chunk (the authors' ~2000 of 3600)."""
-    _, batch, *kv = method.split()
-    return ParallelCompConfig(chunk_size=chunk_size, keep_chunks=KEEP_CHUNKS, chunk_batch=int(batch[2:]),
-                              kv_capacity=chunk_size // 2 if kv else None)
-
 
 def chunks_per_forward(n_chunks: int, batch: int) -> str:
     """'2x16 + 1x1': forwards x chunks in each, as prefill_chunks runs them (at most `batch` at once)."""
@@ -272,17 +257,18 @@ def chunks_per_forward(n_chunks: int, batch: int) -> str:
     return " + ".join(parts)
 
 
-def prefill_and_decode(model: Transformer, spec: dict, method: str, inputs, chunk_size: int) -> dict:
-    """One run: prefill (timed), then spec['decode_tokens'] greedy tokens (timed separately)."""
+def prefill_and_decode(model: Transformer, setup: Setup, method: Method, inputs, chunk_size: int) -> dict:
+    """One run: prefill (timed), then setup.decode_tokens greedy tokens (timed separately)."""
     header, context, question, strength = inputs
     device = header.device
     sync(device)
     t0 = time.perf_counter()
-    if method == "full":
+    if method.chunk_batch is None:
         cache, logits, next_pos = run_full(model, torch.cat([header, context, question]))
         bounds, scores, kept = None, None, []
     else:
-        cfg = method_config(method, chunk_size, spec["chunk_batch"])
+        cfg = ParallelCompConfig(chunk_size=chunk_size, keep_chunks=KEEP_CHUNKS, chunk_batch=method.chunk_batch,
+                                 kv_capacity=chunk_size // 2 if method.kv_eviction else None)
         cfg.validate(model.args)
         cache, logits, next_pos, info = run_parallelcomp(model, header, context, question, cfg, strength)
         bounds, scores, kept = info["bounds"], info["scores"], info["kept"]
@@ -291,53 +277,52 @@ def prefill_and_decode(model: Transformer, spec: dict, method: str, inputs, chun
     cache_tokens = cache.length  # tokens per KV head after prefill (ParallelComp: kept chunks, evicted)
     cache_bytes = sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
     t1 = time.perf_counter()
-    decode(model, cache, logits, next_pos, spec["decode_tokens"] + 1, stop_ids=set())  # first token: no forward
+    decode(model, cache, logits, next_pos, setup.decode_tokens + 1, stop_ids=set())  # first token: no forward
     sync(device)
     return {"prefill_s": prefill_s, "decode_s": time.perf_counter() - t1, "cache_tokens": cache_tokens,
             "cache_bytes": cache_bytes, "logits": logits, "bounds": bounds, "scores": scores, "kept": kept}
 
 
-def measure(model: Transformer, spec: dict, method: str, n_tokens: int, out_path: str | None = None) -> dict:
-    """Prefill, then decode spec['decode_tokens'] tokens; times, peak memory and the FLOP count. With
-    spec['warmup'] == 'same' the identical run goes first, untimed (GPU: kernel choice, library heuristics
-    and allocator growth at these shapes happen there)."""
+def measure(model: Transformer, setup: Setup, method: Method, n_tokens: int, out_path: str | None = None) -> dict:
+    """Prefill, then decode setup.decode_tokens tokens; times, peak memory and the FLOP count; the final
+    logits and chunk scores saved to out_path. With setup.warmup == 'same' the identical run goes first,
+    untimed (GPU: kernel choice, library heuristics and allocator growth at these shapes happen there)."""
     args, device = model.args, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs = make_inputs(args, n_tokens, device, spec["seed"])
-    chunk_size = default_chunk_size(args, len(inputs[0]), len(inputs[2]), spec["decode_tokens"])
+    inputs = make_inputs(args, n_tokens, device, setup.seed)
+    chunk_size = default_chunk_size(args, len(inputs[0]), len(inputs[2]), setup.decode_tokens)
     release(device)
-    if spec["warmup"] == "same":
-        prefill_and_decode(model, spec, method, inputs, chunk_size)
+    if setup.warmup == "same":
+        prefill_and_decode(model, setup, method, inputs, chunk_size)
     rate = matmul_rate(device, dtype)
     load = os.getloadavg()[0]  # other processes on the machine slow CPU timings: recorded with each row
     baseline = reset_peak(device)
-    run = prefill_and_decode(model, spec, method, inputs, chunk_size)
+    run = prefill_and_decode(model, setup, method, inputs, chunk_size)
     peak, reserved = peak_bytes(device)
     rate = max(rate, matmul_rate(device, dtype))  # before and after: on a shared machine one probe can land
     # in a busy moment; the higher is the fairer ceiling
     bounds = run["bounds"]
-    flops = prefill_flops(args, method, n_tokens, bounds, run["cache_tokens"] - len(inputs[2]))
+    flops = prefill_flops(args, n_tokens, bounds, run["cache_tokens"] - len(inputs[2]))
     if out_path:
         saved = {"logits": run["logits"].float().cpu().contiguous()}
         if run["scores"] is not None:
             saved["scores"] = run["scores"].float().cpu().contiguous()
         save_file(saved, out_path)
-    batch = 1 if method == "full" else method_config(method, chunk_size, spec["chunk_batch"]).chunk_batch
-    row = {"tokens": n_tokens, "method": method, "measured": True, "prefill_s": run["prefill_s"],
-           "decode_ms_per_token": 1000 * run["decode_s"] / spec["decode_tokens"], "peak_mib": peak / 2**20,
+    row = {"tokens": n_tokens, "method": method.label, "measured": True, "prefill_s": run["prefill_s"],
+           "decode_ms_per_token": 1000 * run["decode_s"] / setup.decode_tokens, "peak_mib": peak / 2**20,
            "baseline_mib": baseline / 2**20, "cache_mib": run["cache_bytes"] / 2**20,
            "cache_tokens": run["cache_tokens"], "chunks": len(bounds) if bounds else 0,
-           "chunks_per_forward": chunks_per_forward(len(bounds), batch) if bounds else "",
+           "chunks_per_forward": chunks_per_forward(len(bounds), method.chunk_batch) if bounds else "",
            "chunk_size": chunk_size, "kept": " ".join(map(str, run["kept"])), "prefill_tflop": flops / 1e12,
            "achieved_gflops": flops / run["prefill_s"] / 1e9, "matmul_gflops": rate / 1e9,
            "of_matmul": flops / run["prefill_s"] / rate, "argmax": int(run["logits"].argmax()), "load_avg": load,
-           "warmup": spec["warmup"]}
+           "warmup": setup.warmup}
     if reserved is not None:
         row["reserved_mib"] = reserved / 2**20
     return row
 
 
-def warm_up(model: Transformer, spec: dict) -> None:
+def warm_up(model: Transformer) -> None:
     """A small batched forward first, so one-time setup (oneDNN primitives, cuBLAS handles) is not timed."""
     device = next(model.parameters()).device
     n = min(1024, model.args.trained_window)
@@ -348,86 +333,78 @@ def warm_up(model: Transformer, spec: dict) -> None:
     sync(device)
 
 
-def worker(spec: dict) -> None:
-    """--worker: one measurement in this fresh process (clean RSS peak); prints one JSON line."""
-    torch.set_num_threads(spec["threads"])
-    with sdpa_only(spec["sdpa"]):
-        model = build_model(spec)
-        warm_up(model, spec)
-        row = measure(model, spec, spec["method"], spec["tokens"], spec.get("logits_path"))
-    print("RESULT " + json.dumps(row))
+def measure_fresh(setup: Setup, method: Method, n_tokens: int, logits_path: str) -> dict:
+    """measure() in a fresh (spawned) process, so the peak RSS is this measurement's alone. What raises there
+    raises here, with the child's traceback as its cause."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_here, setup, method, n_tokens, logits_path).result()
 
 
-# ----------------------------------------------------------------------------------------------------
-# The sweep
-
-def run_isolated(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"tokens": spec["tokens"], "method": spec["method"], "measured": False, "note": f"failed: {err}",
-                "error": proc.stderr.strip()}
-    return json.loads(lines[-1][len("RESULT "):])
+def measure_here(setup: Setup, method: Method, n_tokens: int, logits_path: str) -> dict:
+    """Build the model, warm up and measure, in this process."""
+    torch.set_num_threads(setup.threads)
+    with sdpa_only(setup.sdpa):
+        model = build_model(setup)
+        warm_up(model)
+        return measure(model, setup, method, n_tokens, logits_path)
 
 
-METHOD_CODES = ("full", "one", "many", "one+kv", "many+kv")
-
-
-def methods_for(chunk_batch: int, codes=METHOD_CODES) -> list[str]:
-    """Display names, in the order they run: 'many' -> 'pc b=8' for --chunk-batch 8, '+kv' -> ' +kv'."""
-    names = {"full": "full", "one": "pc b=1", "many": f"pc b={chunk_batch}"}
-    return [names[c.split("+")[0]] + (" +kv" if c.endswith("+kv") else "") for c in METHOD_CODES if c in codes]
-
-
-def failed_row(n: int, method: str, error: BaseException) -> dict:
+def failed_row(n: int, method: Method, error: BaseException) -> dict:
     """A row that raised: the error's type and first line in the table, the traceback in the log."""
     if isinstance(error, torch.OutOfMemoryError):
         note = "failed: out of memory"
     else:
         first = (str(error).strip().splitlines() or [""])[0][:200]
         note = f"failed: {type(error).__name__}: {first}"
-    return {"tokens": n, "method": method, "measured": False, "note": note,
+    return {"tokens": n, "method": method.label, "measured": False, "note": note,
             "error": "".join(traceback.format_exception(error)).strip()}
 
 
-def sweep(spec: dict, lengths: list[int], full_max: int | None, isolate: bool, out: str, log) -> list[dict]:
-    rows, model = [], None
-    if not isolate:
-        model = build_model(spec)
-        warm_up(model, spec)
+def row_line(r: dict, wall_s: float) -> str:
+    """A row for the log, as it finishes."""
+    text = r["note"] if not r["measured"] else (
+        f"prefill {r['prefill_s']:8.2f} s  decode {r['decode_ms_per_token']:7.1f} ms/tok  peak {r['peak_mib']:8.0f} "
+        "MiB" + (f" (reserved {r['reserved_mib']:.0f})" if "reserved_mib" in r else "")
+        + f"  {100 * r['of_matmul']:5.1f}% of matmul"
+        + (f"  chunks per forward {r['chunks_per_forward']}" if r["chunks_per_forward"] else ""))
+    return f"{r['tokens']:>7} {r['method']:<13} {text}  [{wall_s:.0f} s wall]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sweep
+
+def sweep(setup: Setup, methods: list[Method], lengths: list[int], full_max: int | None, isolate: bool, log,
+          save) -> list[dict]:
+    """Every method at every length, back to back, each measurement in a fresh process if `isolate`;
+    save(rows) after each row, so a timeout keeps them."""
+    rows, model = [], None if isolate else build_model(setup)
+    if model is not None:
+        warm_up(model)
     with tempfile.TemporaryDirectory() as tmp:
         for n in lengths:
-            outputs = {}
-            for method in methods_for(spec["chunk_batch"], spec["methods"]):
-                if method == "full" and full_max is not None and n > full_max:
-                    rows.append({"tokens": n, "method": method, "measured": False,
-                                 "note": f"skipped: above --full-max {full_max}"})
-                    continue
-                path = os.path.join(tmp, f"{n}-{len(rows)}.safetensors")
-                t0 = time.perf_counter()
-                try:
-                    row = (run_isolated({**spec, "method": method, "tokens": n, "logits_path": path}) if isolate
-                           else measure(model, spec, method, n, path))
-                except Exception as e:  # noqa: BLE001 - one failing row (OOM, a backend error) must not end the sweep
-                    row = failed_row(n, method, e)
+            here, outputs = {}, {}  # Method -> its row; Method -> its final logits and chunk scores
+            for method in methods:
+                path, t0 = os.path.join(tmp, f"{n}-{len(rows)}.safetensors"), time.perf_counter()
+                if method == FULL and full_max is not None and n > full_max:
+                    row = {"tokens": n, "method": method.label, "measured": False,
+                           "note": f"skipped: above --full-max {full_max}"}
+                else:
+                    try:
+                        row = measure_fresh(setup, method, n, path) if isolate else measure(model, setup, method, n,
+                                                                                             path)
+                    except Exception as e:  # noqa: BLE001 - one failing row (OOM, a backend error) must not end the sweep
+                        row = failed_row(n, method, e)
                 if row["measured"]:
                     outputs[method] = load_file(path)
                 elif model is not None:
                     release(next(model.parameters()).device)  # outside the except block: the traceback
                     # no longer pins the failed row's tensors
+                error = row.pop("error", None)
+                log(row_line(row, time.perf_counter() - t0) + (f"\n{error}" if error else ""))
                 rows.append(row)
-                write_csv(rows, os.path.join(out, "results.csv"))  # partial results survive a timeout
-                log(f"{n:>7} {method:<13} " + (f"prefill {row['prefill_s']:8.2f} s  decode "
-                    f"{row['decode_ms_per_token']:7.1f} ms/tok  peak {row['peak_mib']:8.0f} MiB"
-                    + (f" (reserved {row['reserved_mib']:.0f})" if "reserved_mib" in row else "")
-                    + f"  {100 * row['of_matmul']:5.1f}% of matmul"
-                    + (f"  chunks per forward {row['chunks_per_forward']}" if row["chunks_per_forward"] else "")
-                    if row["measured"] else row["note"]) + f"  [{time.perf_counter() - t0:.0f} s wall]")
-                if row.get("error"):
-                    log(row.pop("error"))
-            compare_outputs(rows, n, outputs, spec["chunk_batch"], spec["dtype"])
+                here[method] = row
+                save(rows)
+            compare_outputs(here, outputs, setup.dtype)
     return rows
 
 
@@ -440,51 +417,47 @@ def sweep(spec: dict, lengths: list[int], full_max: int | None, isolate: bool, o
 LOGIT_TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 1e-2}
 
 
-def compare_outputs(rows: list[dict], n: int, outputs: dict, chunk_batch: int, dtype: str) -> None:
-    """'Equal output': b=B against b=1 with the same eviction setting, stored on the b=B row: same kept
-    chunks, max |logit difference| (and its tolerance), the chunk scores' largest difference against their
-    gap at the keep boundary, and a verdict: 'yes', 'near tie' (kept chunks differ, but by less than the
+def compare_outputs(here: dict[Method, dict], outputs: dict[Method, dict], dtype: str) -> None:
+    """'Equal output': each b > 1 method against b=1 with the same eviction setting, stored on the b > 1 row:
+    same kept chunks, max |logit difference| (and its tolerance), the chunk scores' largest difference against
+    their gap at the keep boundary, and a verdict: 'yes', 'near tie' (kept chunks differ, but by less than the
     scores' own noise) or 'no'."""
-    for kv in ("", " +kv"):
-        one, many = f"pc b=1{kv}", f"pc b={chunk_batch}{kv}"
-        if one in outputs and many in outputs and one != many:
-            row = next(r for r in rows if r["tokens"] == n and r["method"] == many)
-            ref = next(r for r in rows if r["tokens"] == n and r["method"] == one)
-            a, b = outputs[one], outputs[many]
-            scale = max(1.0, float(a["logits"].abs().max()))
-            row["max_logit_diff_vs_b1"] = float((a["logits"] - b["logits"]).abs().max())
-            row["logit_tolerance"] = LOGIT_TOLERANCE[dtype] * scale
-            row["same_kept_as_b1"] = row["kept"] == ref["kept"]
-            scores = a["scores"].sort().values
-            row["score_gap_at_keep"] = (float(scores[KEEP_CHUNKS] - scores[KEEP_CHUNKS - 1])
-                                        if len(scores) > KEEP_CHUNKS else math.inf)
-            row["max_score_diff_vs_b1"] = float((a["scores"] - b["scores"]).abs().max())
-            if row["same_kept_as_b1"]:
-                row["equal_output"] = "yes" if row["max_logit_diff_vs_b1"] <= row["logit_tolerance"] else "no"
-            else:
-                near_tie = row["max_score_diff_vs_b1"] >= row["score_gap_at_keep"] / 2  # enough to swap the two
-                row["equal_output"] = "near tie" if near_tie else "no"
+    for method, row in here.items():
+        if method.chunk_batch in (None, 1) or method not in outputs or method.one_chunk not in outputs:
+            continue
+        a, b = outputs[method.one_chunk], outputs[method]
+        scale = max(1.0, float(a["logits"].abs().max()))
+        row["max_logit_diff_vs_b1"] = float((a["logits"] - b["logits"]).abs().max())
+        row["logit_tolerance"] = LOGIT_TOLERANCE[dtype] * scale
+        row["same_kept_as_b1"] = row["kept"] == here[method.one_chunk]["kept"]
+        scores = a["scores"].sort().values
+        row["score_gap_at_keep"] = (float(scores[KEEP_CHUNKS] - scores[KEEP_CHUNKS - 1])
+                                    if len(scores) > KEEP_CHUNKS else math.inf)
+        row["max_score_diff_vs_b1"] = float((a["scores"] - b["scores"]).abs().max())
+        if row["same_kept_as_b1"]:
+            row["equal_output"] = "yes" if row["max_logit_diff_vs_b1"] <= row["logit_tolerance"] else "no"
+        else:
+            near_tie = row["max_score_diff_vs_b1"] >= row["score_gap_at_keep"] / 2  # enough to swap the two
+            row["equal_output"] = "near tie" if near_tie else "no"
 
 
 def extrapolate_full(rows: list[dict]) -> None:
     """Full-attention prefill time at skipped lengths from t = a*N + b*N^2 fitted to the measured lengths
     (least squares, relative error); marked measured=False, extrapolated=True. Memory is not extrapolated."""
-    pts = [(r["tokens"], r["prefill_s"]) for r in rows if r["method"] == "full" and r["measured"]]
+    full = [r for r in rows if r["method"] == FULL.label]
+    pts = [(r["tokens"], r["prefill_s"]) for r in full if r["measured"]]
     if len(pts) < 2:
         return
     n = torch.tensor([p[0] for p in pts], dtype=torch.float64)
     t = torch.tensor([p[1] for p in pts], dtype=torch.float64)
     design = torch.stack([n, n * n], 1) / t[:, None]  # divide by t: fit relative error
     a, b = torch.linalg.lstsq(design, torch.ones_like(t)[:, None]).solution[:, 0].tolist()
-    for r in rows:
-        if r["method"] == "full" and not r["measured"] and r["note"].startswith("skipped"):
+    for r in full:
+        if not r["measured"] and r["note"].startswith("skipped"):
             r["prefill_s"], r["extrapolated"] = a * r["tokens"] + b * r["tokens"] ** 2, True
             r["note"] += f"; prefill time extrapolated from t = a*N + b*N^2 fitted to N = " \
                          f"{', '.join(str(p[0]) for p in pts)}"
 
-
-# ----------------------------------------------------------------------------------------------------
-# Reports: CSV, markdown, plots
 
 COLUMNS = ["tokens", "method", "measured", "extrapolated", "prefill_s", "decode_ms_per_token", "peak_mib",
            "reserved_mib", "baseline_mib", "cache_mib", "cache_tokens", "chunks", "chunks_per_forward", "chunk_size",
@@ -493,183 +466,16 @@ COLUMNS = ["tokens", "method", "measured", "extrapolated", "prefill_s", "decode_
            "max_score_diff_vs_b1", "note"]
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
+def write_rows(out: str, run: dict, rows: list[dict]) -> None:
+    """results.csv (one line a row, for people and spreadsheets) and results.json (the run and its rows as
+    they are, for report.py)."""
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
-
-
-def fmt_len(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
-def table(rows: list[dict], lengths: list[int], methods: list[str], cell) -> list[str]:
-    out = ["| tokens | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-    for n in lengths:
-        cells = []
-        for m in methods:
-            r = next((r for r in rows if r["tokens"] == n and r["method"] == m), None)
-            cells.append("" if r is None else cell(r))
-        out.append(f"| {fmt_len(n)} | " + " | ".join(cells) + " |")
-    return out
-
-
-def get(rows, n, m):
-    return next((r for r in rows if r["tokens"] == n and r["method"] == m and "prefill_s" in r), None)
-
-
-GB80_MIB = 80e9 / 2**20  # "fits in 80 GB": 80 * 10^9 bytes = 76,294 MiB
-PAPER_TABLE7 = (1317.72, 56.07)  # s: Llama-2-7B-chat, NarrativeQA, one MI210: 1 chunk vs 23 chunks + compression
-
-
-def markdown(rows: list[dict], spec: dict, lengths: list[int], title: str, machine: list[str] = ()) -> str:
-    methods = methods_for(spec["chunk_batch"], spec["methods"])
-    many, device, cuda = f"pc b={spec['chunk_batch']}", spec["device"], spec["device"] == "cuda"
-    lines = [f"### {title}", ""] + [f"    {m}" for m in machine] + ([""] if machine else [])
-    measured = [r for r in rows if r["measured"]]
-    if not measured:
-        return "\n".join(lines + ["No row was measured:", ""] + [f"- {fmt_len(r['tokens'])} {r['method']}: "
-                                                                  f"{r['note']}" for r in rows]) + "\n"
-    first = measured[0]
-
-    def secs(r):
-        if "prefill_s" not in r:
-            return "skipped" if r["note"].startswith("skipped") else "failed"
-        full = get(rows, r["tokens"], "full")
-        s = f"{r['prefill_s']:.2f}" + ("*" if r.get("extrapolated") else "")
-        if r["method"] != "full" and full:
-            s += f" ({full['prefill_s'] / r['prefill_s']:.1f}x{'*' if full.get('extrapolated') else ''})"
-        return s
-
-    def memory(r):
-        if not r["measured"]:
-            return "-"
-        reserved = f" / {r['reserved_mib']:.0f}" if "reserved_mib" in r else ""
-        return f"{r['peak_mib']:.0f}{reserved} ({r['peak_mib'] - r['baseline_mib']:+.0f})"
-
-    warmup = ("each measurement ran once untimed on the same input first" if spec["warmup"] == "same" else
-              "one small forward warmed up each process")
-    lines += [f"Chunk size {first['chunk_size']} tokens, keep {KEEP_CHUNKS} chunks, KV capacity "
-              f"{first['chunk_size'] // 2} (+kv), question {QUESTION_TOKENS} tokens, {spec['decode_tokens']} decoded "
-              f"tokens, {spec['dtype']} on {device}" + (f" with {spec['threads']} threads" if device == "cpu" else "")
-              + f"; {warmup}.", "",
-              "**Prefill seconds** (speedup over full attention; * = extrapolated, not measured)", ""]
-    lines += table(rows, lengths, methods, secs)
-    mem = ("peak GPU memory allocated / reserved" if cuda else "peak process RSS")
-    lines += ["", f"**Peak memory, MiB**: {mem} (in brackets: the peak above the weights-loaded baseline)", ""]
-    lines += table(rows, lengths, methods, memory)
-    lines += ["", "**Decode ms/token** (cache in MiB after prefill)", ""]
-    lines += table(rows, lengths, methods, lambda r: f"{r['decode_ms_per_token']:.1f} ({r['cache_mib']:.0f})"
-                   if r["measured"] else "-")
-    lines += ["", "**Prefill throughput**: counted TFLOP / achieved GFLOP/s (% of the matmul rate "
-              "measured in the same process just before and after, the higher)", ""]
-    lines += table(rows, lengths, methods, lambda r: f"{r['prefill_tflop']:.2f} / {r['achieved_gflops']:.0f} "
-                   f"({100 * r['of_matmul']:.0f}%)" if r["measured"] else "-")
-    pc = [m for m in methods if m != "full"]
-    if pc:
-        lines += ["", "**Chunks per forward** as run (forwards x chunks in each; b=B runs at most B at once, "
-                  "and there may be fewer chunks than that)", ""]
-        lines += table(rows, lengths, pc, lambda r: r.get("chunks_per_forward") or "-")
-    if many != "pc b=1" and any(m.startswith(many) for m in methods):
-        tol = LOGIT_TOLERANCE[spec["dtype"]]
-        lines += ["", f"**Many vs one chunk per forward** ({many} against pc b=1): equal output = the same kept "
-                  f"chunks and max |logit difference| within {tol:g} x max(1, max |logit|) ({spec['dtype']}); "
-                  "'near tie' = the kept chunks differ and the chunk scores moved by at least half their gap "
-                  "at the keep boundary (random weights give near-tied scores)", "",
-                  "| tokens | b=1 / b=B time | equal output: logit diff (tolerance); score diff (gap at keep) "
-                  "| b=1 / b=B time (+kv) | equal output (+kv) |", "|---:|---:|---|---:|---|"]
-        for n in lengths:
-            cells = []
-            for kv in ("", " +kv"):
-                one, mb = get(rows, n, "pc b=1" + kv), get(rows, n, many + kv)
-                if one and mb and mb["measured"] and one["measured"] and "equal_output" in mb:
-                    cells += [f"{one['prefill_s'] / mb['prefill_s']:.2f}x",
-                              f"{mb['equal_output']}: {mb['max_logit_diff_vs_b1']:.1e} ({mb['logit_tolerance']:.1e}); "
-                              f"{mb['max_score_diff_vs_b1']:.1e} ({mb['score_gap_at_keep']:.1e})"]
-                else:
-                    cells += ["-", "-"]
-            lines.append(f"| {fmt_len(n)} | " + " | ".join(cells) + " |")
-    table7 = []
-    for n in lengths:
-        one, mb = get(rows, n, "pc b=1"), get(rows, n, many + " +kv")
-        if one and mb and one["measured"] and mb["measured"] and many != "pc b=1":
-            table7.append(f"{fmt_len(n)}: {one['prefill_s']:.2f} s vs {mb['prefill_s']:.2f} s "
-                          f"({mb['chunks_per_forward']} chunks), {one['prefill_s'] / mb['prefill_s']:.2f}x")
-    if table7:
-        lines += ["", f"**Table 7 line**: prefill with 1 chunk in flight and no compression (pc b=1) against "
-                  f"{spec['chunk_batch']} chunks per forward with compression ({many} +kv): " + "; ".join(table7)
-                  + f". The paper's Table 7 (Llama-2-7B-chat, NarrativeQA, one AMD MI210 64 GB, 23 chunks): "
-                  f"{PAPER_TABLE7[0]} s vs {PAPER_TABLE7[1]} s, {PAPER_TABLE7[0] / PAPER_TABLE7[1]:.2f}x."]
-    if cuda:
-        def fits(r):
-            if not r["measured"]:
-                return "-"
-            alloc, res = r["peak_mib"], r.get("reserved_mib", r["peak_mib"])
-            verdict = "yes" if res <= GB80_MIB else ("allocated yes, reserved no" if alloc <= GB80_MIB else "no")
-            return f"{verdict} ({alloc / 1024:.1f} / {res / 1024:.1f} GiB)"
-        lines += ["", "**Fits in 80 GB?** (peak allocated / reserved against 80 x 10^9 bytes = 76,294 MiB; the "
-                  "CUDA context, about 0.5 GiB, is not in torch's counts)", ""]
-        lines += table(rows, lengths, methods, fits)
-    ref, top = (16384 if 16384 in lengths else lengths[0]), lengths[-1]
-    growth = []
-    for m in methods:
-        lo, hi = get(rows, ref, m), get(rows, top, m)
-        if top > ref and lo and hi and lo["measured"] and hi["measured"]:
-            above = (hi["peak_mib"] - hi["baseline_mib"]) / max(lo["peak_mib"] - lo["baseline_mib"], 1)
-            growth.append(f"{m} {hi['peak_mib'] / lo['peak_mib']:.2f}x (above baseline: {above:.2f}x)")
-    if growth:
-        lines += ["", f"**Peak memory at {fmt_len(top)} over {fmt_len(ref)}**: " + "; ".join(growth) + "."]
-    failed = [f"{fmt_len(r['tokens'])} {r['method']}: {r['note']}" for r in rows
-              if r.get("note", "").startswith("failed")]
-    if failed:
-        lines += ["", "**Failed rows** (the traceback is in log.txt): " + "; ".join(failed) + "."]
-    notes = sorted({r["note"] for r in rows if r.get("note") and not r["note"].startswith("failed")})
-    if notes:
-        lines += ["", "Notes: " + "; ".join(notes) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def plots(rows: list[dict], spec: dict, out: str, title: str) -> list[str]:
-    import matplotlib
-    import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    files = []
-    for key, ylabel, fname in (("prefill_s", "prefill seconds", "prefill_time.png"),
-                               ("peak_mib", "peak memory, MiB" + (" (GPU allocated)" if spec["device"] == "cuda"
-                                                                 else " (process RSS)"), "peak_memory.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for m in methods_for(spec["chunk_batch"], spec["methods"]):
-            color, marker = PLOT_STYLE.get(m.replace(f"b={spec['chunk_batch']}", "b=B"),
-                                           (("tab:red", "D") if "kv" in m else ("tab:orange", "v")))
-            pts = sorted((r["tokens"], r[key], r["measured"]) for r in rows if r["method"] == m and key in r)
-            meas = [(n, v) for n, v, ok in pts if ok]
-            if meas:
-                ax.plot(*zip(*meas), color=color, marker=marker, label=m)
-            extra = [(n, v) for n, v, ok in pts if not ok]
-            if extra and meas:
-                ax.plot(*zip(*([meas[-1]] + extra)), color=color, marker=marker, linestyle="--", fillstyle="none",
-                        label=f"{m} (extrapolated)")
-        ax.set_xscale("log", base=2)
-        ticks = sorted({r["tokens"] for r in rows})
-        ax.set_xticks(ticks, [fmt_len(n) for n in ticks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_yscale("log")  # (resets the formatters: set them after)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
-            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
-        ax.set_xlabel("input tokens")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, fname), dpi=110)
-        plt.close(fig)
-        files.append(fname)
-    return files
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**run, "rows": rows}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -677,27 +483,21 @@ def plots(rows: list[dict], spec: dict, out: str, title: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.worker:
-        worker(json.loads(a.worker))
-        return 0
     if (a.ckpt is None) == (a.shape is None):
         raise SystemExit("error: give --ckpt DIR or --shape NAME (one of them)")
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA GPU")
-    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    lengths = sorted(int(x) for x in a.lengths.split(","))
-    methods = [m.strip() for m in a.methods.split(",")]
-    if not set(methods) <= set(METHOD_CODES):
-        raise SystemExit(f"error: --methods takes {', '.join(METHOD_CODES)}; got {a.methods!r}")
+    codes = [m.strip() for m in a.methods.split(",")]
+    if not set(codes) <= set(CODES):
+        raise SystemExit(f"error: --methods takes {', '.join(CODES)}; got {a.methods!r}")
     sdpa = [b.strip() for b in a.sdpa.split(",")]
     if not sdpa or not set(sdpa) <= set(SDPA_BACKENDS):
         raise SystemExit(f"error: --sdpa takes a list of {', '.join(SDPA_BACKENDS)}; got {a.sdpa!r}")
-    warmup = a.warmup if a.warmup != "auto" else ("same" if device == "cuda" else "small")
-    spec = {"shape": a.shape, "ckpt": a.ckpt, "device": device, "dtype": dtype, "seed": a.seed,
-            "threads": a.threads, "chunk_batch": a.chunk_batch, "decode_tokens": a.decode_tokens,
-            "methods": methods, "sdpa": sdpa, "warmup": warmup}
-    isolate = {"auto": device == "cpu", "yes": True, "no": False}[a.isolate]
+    setup = Setup(shape=a.shape, ckpt=a.ckpt, device=device, seed=a.seed, threads=a.threads,
+                  dtype=a.dtype if a.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32"),
+                  decode_tokens=a.decode_tokens, sdpa=sdpa,
+                  warmup=a.warmup if a.warmup != "auto" else ("same" if device == "cuda" else "small"))
     os.makedirs(a.out, exist_ok=True)
     if device == "cpu":
         torch.set_num_threads(a.threads)
@@ -706,42 +506,38 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
             log_file.write(msg + "\n")
             log_file.flush()
-        return run_sweep(a, spec, lengths, isolate, log)
+        run(a, setup, from_codes(codes, a.chunk_batch), log)
+    return 0
 
 
-def run_sweep(a: argparse.Namespace, spec: dict, lengths: list[int], isolate: bool, log) -> int:
-    device, dtype = spec["device"], spec["dtype"]
-    name = a.shape or os.path.basename(os.path.normpath(a.ckpt))
+def run(a: argparse.Namespace, setup: Setup, methods: list[Method], log) -> None:
+    """The sweep, its rows written as they come, then the report."""
+    lengths = sorted(int(x) for x in a.lengths.split(","))
+    isolate = {"auto": setup.device == "cpu", "yes": True, "no": False}[a.isolate]
     args = ModelArgs(**SHAPES[a.shape]) if a.shape else load_args(a.ckpt)
     params = n_params(args)
-    title = (f"{name} ({params / 1e6:.{0 if params > 1e7 else 2}f}M params"
-             f"{', random weights' if a.shape else ''}), {dtype}, {device}"
-             + (f", {a.threads} threads" if device == "cpu" else f" ({torch.cuda.get_device_name()})"))
+    title = (f"{a.shape or os.path.basename(os.path.normpath(a.ckpt))} ({params / 1e6:.{0 if params > 1e7 else 2}f}M "
+             f"params{', random weights' if a.shape else ''}), {setup.dtype}, {setup.device}"
+             + (f", {a.threads} threads" if setup.device == "cpu" else f" ({torch.cuda.get_device_name()})"))
     log(f"# {title}; lengths {lengths}; chunk batch {a.chunk_batch}; "
-        f"{'each measurement in a fresh process' if isolate else 'one process'}; warm-up {spec['warmup']}; "
+        f"{'each measurement in a fresh process' if isolate else 'one process'}; warm-up {setup.warmup}; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
-    with sdpa_only(spec["sdpa"]):
-        machine = machine_lines(args, torch.device(device), getattr(torch, dtype), spec["sdpa"])
+    with sdpa_only(setup.sdpa):
+        machine = machine_lines(args, torch.device(setup.device), getattr(torch, setup.dtype), setup.sdpa)
         for line in machine:
             log(line)
-        rows = sweep(spec, lengths, a.full_max, isolate, a.out, log)
+        info = {"title": title, "machine": machine, "setup": asdict(setup), "keep_chunks": KEEP_CHUNKS,
+                "question_tokens": QUESTION_TOKENS, "logit_tolerance": LOGIT_TOLERANCE[setup.dtype],
+                "methods": [asdict(m) for m in methods]}
+        rows = sweep(setup, methods, lengths, a.full_max, isolate, log, lambda rows: write_rows(a.out, info, rows))
     extrapolate_full(rows)
-    write_csv(rows, os.path.join(a.out, "results.csv"))
-    md = markdown(rows, spec, lengths, title, machine)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(md)
-    files = []
-    if not a.no_plots and any(r["measured"] for r in rows):
-        try:
-            files = plots(rows, spec, a.out, title)
-        except ImportError:
-            log("plots skipped: matplotlib is not installed (pip install -r bench/requirements.txt)")
+    write_rows(a.out, info, rows)
+    md, files = report.write(a.out, with_plots=not a.no_plots, log=log)
     log(md)
     log(f"load average at the end {os.getloadavg()[0]:.1f}")
-    log(f"wrote {', '.join(['results.csv', 'results.md', 'log.txt'] + files)} to {a.out} "
+    log(f"wrote {', '.join(['results.csv', 'results.json', 'results.md', 'log.txt'] + files)} to {a.out} "
         f"in {time.perf_counter() - t0:.0f} s")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--chunk-batch", type=int, default=8, help="chunks per forward for 'pc b=B' (default 8)")
-    p.add_argument("--methods", default=",".join(METHOD_CODES),
+    p.add_argument("--methods", default=",".join(CODES),
                    help="which to run, comma-separated, of: full (ordinary attention), one / many (ParallelComp "
                         "with 1 / --chunk-batch chunks per forward), one+kv / many+kv (with KV eviction); default all")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (CSV, markdown and log only)")
@@ -772,7 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward per process only (auto: same on CUDA, small on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and token ids (default 0)")
     p.add_argument("--out", default="bench/results/run", help="output folder (default bench/results/run)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, spec as JSON
     return p
 
 
