@@ -169,7 +169,8 @@ INFINITEBENCH_METRICS = {
 # the locally generated tasks (eval/tasks.py): "all" scores need every reference, "any" one of them
 SYNTHETIC_METRICS = {"passkey": "first_int", "passkey_bare": "first_int", "number_string": "first_int", "kv_retrieval": "any",
                      "niah_single": "any", "niah_multikey": "any", "niah_multivalue": "all",
-                     "niah_multiquery": "all", "vt": "all", "kjv_niah": "any"}
+                     "niah_multiquery": "all", "vt": "all", "kjv_niah": "any",
+                     "kjv_multi": "any"}
 
 
 def score_example(dataset: str, prediction: str, answers: list, all_classes: list[str] | None = None,

@@ -2,9 +2,12 @@
 
     python -m eval.report eval/runs/results.jsonl [--settings pc2k,full]
 
-One row per (task, setting), one column per length: mean score (examples), then seconds per example. Below
-it, where ParallelComp missed: how many misses had the needle's chunk dropped (a ranking error) and how many
-kept it and still answered wrong (a reading error).
+One row per (task, setting), one column per length: mean score, n (examples; questions for a task with several
+per context) and its 95% Wilson interval, then seconds per example. Under the table: the load each setting's
+seconds were measured under (the records' `timing`; records without one are "not labelled"), so that seconds
+from a shared CPU are not read as quiet timings. Below it, where ParallelComp missed: how many misses had the
+needle's chunk dropped (a ranking error) and how many kept it and still answered wrong (a reading error).
+Records with and without prompt_sha256 (written before it was added) read the same.
 """
 from __future__ import annotations
 
@@ -59,11 +62,23 @@ def table(rows: list[dict], settings: list[str] | None = None) -> str:
             if not rs:
                 row.append("")
                 continue
-            acc = 100 * sum(r["score"] for r in rs) / len(rs)
-            secs = sum(r["seconds"] for r in rs) / len(rs)
-            row.append(f"{acc:.0f}% ({len(rs)}) {secs:.0f} s")
+            row.append(cell(rs))
         out.append(f"| {task} | {setting} | " + " | ".join(row) + " |")
+    timing = defaultdict(set)
+    for rs in cells.values():
+        for r in rs:
+            timing[r["setting"]].add(r.get("timing", "not labelled"))
+    out.append("")
+    out.append("Seconds measured under: " + "; ".join(f"{s}: {', '.join(sorted(t))}" for s, t in sorted(timing.items())))
     return "\n".join(out)
+
+
+def cell(rs: list[dict]) -> str:
+    """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example."""
+    total = sum(r["score"] for r in rs)
+    lo, hi = wilson(total, len(rs))
+    secs = sum(r["seconds"] for r in rs) / len(rs)
+    return f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) {secs:.0f} s"
 
 
 def misses(rows: list[dict]) -> str:

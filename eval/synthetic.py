@@ -5,13 +5,20 @@
     python -m eval.synthetic --write eval/runs/tasks --tasks passkey --lengths 8k --n 5 --ckpt DIR
         # only write the examples as JSONL (for python -m eval.run --benchmark synthetic)
 
-Each example's record is appended to --out as soon as it is done, keyed by (setting, task, length, i, depth); a rerun
-skips the keys already there, so a long run can be stopped and resumed. `python -m eval.report` makes the
-tables. Lengths are total prompt tokens in the evaluated model's tokenizer; "16k" is 16,384.
+Each example's record is appended to --out as soon as it is done, keyed by (setting, task, length, i, depth, q); a
+rerun skips the keys already there, so a long run can be stopped and resumed. A record holds the prompt's sha256
+(instruction + context + question, the text the model reads; not the prompt itself), the prediction, the score,
+the seconds and `timing`, the load they were measured under (--timing). q numbers the questions of a task with
+several per context (kjv_multi; each is run one-shot over the same context for now). Records written before the
+hash was added (no prompt_sha256) are regenerated and hashed by `--backfill-hash` (from the record's task,
+length, i and depth: the examples are deterministic); run it only when no job appends to the file.
+`python -m eval.report` makes the tables. Lengths are total prompt tokens in the evaluated model's tokenizer;
+"16k" is 16,384.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -40,15 +47,48 @@ def parse_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def done_keys(path: str) -> set:
-    keys = set()
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    keys.add((r["setting"], r["task"], r["target_length"], r["i"], r["depth"]))
-    return keys
+def record_key(r: dict) -> tuple:
+    return r["setting"], r["task"], r["target_length"], r["i"], r["depth"], r.get("q", 0)
+
+
+def read_records(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def done_keys(path: str) -> dict:
+    """key -> the prompt hash of the record done for it (None for a record from before hashes)."""
+    return {record_key(r): r.get("prompt_sha256") for r in read_records(path)}
+
+
+def questions_of(ex: dict) -> list[dict]:
+    """The example's questions: several for kjv_multi, else the one it has."""
+    return ex.get("questions") or [{"input": ex["input"], "answers": ex["answers"]}]
+
+
+def prompt_sha256(ex: dict, question: str) -> str:
+    return hashlib.sha256((ex["instruction"] + ex["context"] + question).encode("utf-8")).hexdigest()
+
+
+def backfill_hashes(path: str, maker) -> int:
+    """Add prompt_sha256 to the records of `path` that lack it, from the regenerated example; returns how many.
+    Refuses when the file changed while it worked (a job still appending)."""
+    before = os.stat(path)
+    recs, added = read_records(path), 0
+    for r in recs:
+        if "prompt_sha256" not in r:
+            ex = maker.make_at(r["task"], r["target_length"], r["i"], r["depth"])
+            r["prompt_sha256"] = prompt_sha256(ex, questions_of(ex)[r.get("q", 0)]["input"])
+            added += 1
+    after = os.stat(path)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise RunError(f"{path} changed while its hashes were computed: a job still appends to it; try later")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.replace(path + ".tmp", path)
+    return added
 
 
 def main(argv=None) -> int:
@@ -60,6 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
     p.add_argument("--setting", default="", help="label of this setting in the results (default: from flags)")
     p.add_argument("--out", help="results JSONL to append to")
+    p.add_argument("--timing", default="shared CPU", help="the load the seconds are measured under, recorded with "
+                                                         "each example (default 'shared CPU'; say 'quiet' only "
+                                                         "with nothing else running)")
+    p.add_argument("--backfill-hash", action="store_true", help="only add prompt_sha256 to the records of --out "
+                                                                "that lack it (regenerated examples)")
     p.add_argument("--write", metavar="DIR", help="only write the examples to DIR/<task>_<length>.jsonl")
     p.add_argument("--method", choices=("parallelcomp", "full"), default="parallelcomp")
     p.add_argument("--full-max-tokens", type=int, help="full: middle-truncate to this many tokens (FullKV)")
@@ -80,6 +125,9 @@ def main(argv=None) -> int:
         from tokenizer import load_tokenizer
         tok = load_tokenizer(args.ckpt)
         maker = TaskMaker(tok, args.seed)
+        if args.backfill_hash:
+            print(f"{backfill_hashes(args.out, maker)} records hashed", file=sys.stderr)
+            return 0
         if args.write:
             os.makedirs(args.write, exist_ok=True)
             for task in tasks:
@@ -118,22 +166,33 @@ def run_grid(args, tok, maker, tasks, lengths) -> None:
         for length in lengths:
             for i in range(args.n):
                 ex = maker.make(task, length, i, args.n)
-                if (setting, task, length, i, ex["depth"]) in done:
-                    continue
-                job = {**layout(ex, args.instruction_at), "answers": ex["answers"], "all_classes": None,
-                       "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task], "chat_ok": False}
-                needle = ex["needles"][0] + len(job["context"]) - len(ex["context"])  # "first" prefixes the context
-                rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, needle)
-                rec.update(setting=setting, task=task, target_length=length, i=i, length=ex["length"],
-                           depth=ex["depth"], method=args.method, keep_chunks=keep,
-                           kv_capacity=args.kv_capacity, calibration=args.calibration,
-                           full_max_tokens=args.full_max_tokens, instruction_at=args.instruction_at,
-                           score=score_example(task, rec["pred"], ex["answers"], benchmark="synthetic"))
-                with open(args.out, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(f"{setting:10s} {task:16s} {length:6d} #{i} score {rec['score']:.2f} {rec['seconds']:6.1f} s "
-                      f"{rec['pred'][:50]!r}" + (f" needle chunk rank {rec['needle_rank']}"
-                                                 if "needle_rank" in rec else ""), file=sys.stderr, flush=True)
+                for q, question in enumerate(questions_of(ex)):
+                    run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done)
+
+
+def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done) -> None:
+    """One question of one example, unless its record exists (then its hash must match the regenerated prompt)."""
+    h = prompt_sha256(ex, question["input"])
+    key = (setting, task, length, i, ex["depth"], q)
+    if key in done:
+        if done[key] not in (None, h):
+            raise RunError(f"{args.out} holds {key} for another prompt: the task generator changed; use a new --out")
+        return
+    job = {**layout({**ex, "input": question["input"]}, args.instruction_at), "answers": question["answers"],
+           "all_classes": None, "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task], "chat_ok": False}
+    needle = ex["needles"][q] + len(job["context"]) - len(ex["context"])  # "first" prefixes the context
+    rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, needle)
+    rec.update(setting=setting, task=task, target_length=length, i=i, q=q, length=ex["length"],
+               depth=ex["depth"], method=args.method, keep_chunks=keep,
+               kv_capacity=args.kv_capacity, calibration=args.calibration,
+               full_max_tokens=args.full_max_tokens, instruction_at=args.instruction_at, seed=args.seed,
+               prompt_sha256=h, timing=args.timing,
+               score=score_example(task, rec["pred"], question["answers"], benchmark="synthetic"))
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"{setting:10s} {task:16s} {length:6d} #{i}.{q} score {rec['score']:.2f} {rec['seconds']:6.1f} s "
+          f"{rec['pred'][:50]!r}" + (f" needle chunk rank {rec['needle_rank']}"
+                                     if "needle_rank" in rec else ""), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ Tasks (`TASKS`):
   niah_multiquery          RULER: 4 keys asked at once; all 4 values must be named
   vt                       RULER variable tracking: VAR X = N, then 4 hops VAR Y = VAR X; name all 5
   kjv_niah                 niah_single inside the King James Bible (Debian's bible-kjv package prints it)
+  kjv_multi                4 key-value needles spread through the King James Bible, one question per needle
+                           (`questions`); for document sessions, run one question at a time for now
 Depths are evenly spread over the n examples of a cell (0, 1/(n-1), ..., 1), as InfiniteBench spreads them.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ RULER_NIAH = "Some special magic numbers are hidden within the following text. M
 RULER_VT = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 KJV_NIAH = "A special magic number is hidden within the following text. Make sure to memorize it. " \
            "I will quiz you about it afterwards.\n"
+KJV_MULTI = "Some special magic numbers are hidden within the following text. Make sure to memorize them. " \
+            "I will quiz you about them afterwards.\n"
 KV = "Extract the value corresponding to the specified key in the JSON object below.\n\n"
 # RULER draws its needle keys from a word list; these are ours
 WORDS = ("amber anchor apple arrow autumn badge basket beacon berry blossom bottle bridge bronze bucket cabin "
@@ -184,6 +188,24 @@ def _vt(rng, depth, hops=4):
     return RULER_VT, list(zip(depths, lines)), q, names, "noise"
 
 
+def _kjv_multi(rng, depth, needles=4):
+    """Several key-value needles spread through a King James Bible haystack, one question per needle: needle j at
+    depth (j + depth) / needles. The example's `questions` lists them; `input`/`answers` are the first. Made for
+    document sessions (one encoding, many questions); until those run here, each question is run one-shot."""
+    keys = []
+    while len(keys) < needles:
+        k = _key(rng)
+        if k not in keys:
+            keys.append(k)
+    values = [_number(rng) for _ in keys]
+    placed = [((j + depth) / needles, f"One of the special magic numbers for {k} is: {v}.\n")
+              for j, (k, v) in enumerate(zip(keys, values))]
+    questions = [{"input": f"\nWhat is the special magic number for {k} mentioned in the provided text? "
+                           f"The special magic number for {k} mentioned in the provided text is", "answers": [v]}
+                 for k, v in zip(keys, values)]
+    return KJV_MULTI, placed, questions, None, "kjv"
+
+
 TASKS = {
     "passkey": _passkey,
     "number_string": _number_string,
@@ -194,9 +216,11 @@ TASKS = {
     "niah_multiquery": lambda rng, d: _niah(rng, d, queries=4),
     "vt": _vt,
     "kjv_niah": lambda rng, d: _niah(rng, d, haystack="kjv"),
+    "kjv_multi": _kjv_multi,
 }
 MAX_NEW_TOKENS = {"passkey": 6, "number_string": 12, "kv_retrieval": 50, "niah_single": 12, "niah_multikey": 12,
-                  "niah_multivalue": 48, "niah_multiquery": 48, "vt": 30, "kjv_niah": 12}
+                  "niah_multivalue": 48, "niah_multiquery": 48, "vt": 30, "kjv_niah": 12,
+                  "kjv_multi": 12}
 
 
 class TaskMaker:
@@ -215,15 +239,23 @@ class TaskMaker:
         return len(self.tok.encode(text))
 
     def make(self, task: str, length: int, i: int = 0, n: int = 1) -> dict:
+        return self.make_at(task, length, i, 0.5 if n == 1 else i / (n - 1))
+
+    def make_at(self, task: str, length: int, i: int, depth: float) -> dict:
+        """Example i of (task, length) with its needle at `depth`: what make(task, length, i, n) gives for the n
+        whose depth that is (a record's task, target_length, i and depth regenerate its example)."""
         if task not in TASKS:
             raise TaskError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         if length < 256:
             raise TaskError(f"length must be at least 256 tokens, got {length}")
         rng = random.Random(f"{self.seed}/{task}/{length}/{i}")
-        depth = 0.5 if n == 1 else i / (n - 1)
         if task == "kv_retrieval":
             return self._kv(rng, length, depth)
         instruction, needles, question, answers, kind = TASKS[task](rng, depth)
+        questions = None
+        if isinstance(question, list):  # several questions about one context: budget for the longest
+            questions = [{**q, "input": "\n" + q["input"].strip()} for q in question]
+            question, answers = max((q["input"] for q in questions), key=self.ntok), questions[0]["answers"]
         hay = self.haystack(kind)
         question = "\n" + question.strip()
         budget = length - self.ntok(instruction) - self.ntok(question) - sum(self.ntok(s) for _, s in needles)
@@ -234,8 +266,11 @@ class TaskMaker:
             if total <= length:
                 break
             budget -= total - length
-        return {"dataset": task, "instruction": instruction, "context": context, "input": question, "answers": answers, "length": total,
-                "depth": depth, "needles": offsets, "all_classes": None}
+        ex = {"dataset": task, "instruction": instruction, "context": context, "input": question, "answers": answers,
+              "length": total, "depth": depth, "needles": offsets, "all_classes": None}
+        if questions:
+            ex.update(input=questions[0]["input"], questions=questions)
+        return ex
 
     def _kv(self, rng, length, depth):
         pair = lambda k, v: f"{json.dumps(k)}: {json.dumps(v)}"  # noqa: E731

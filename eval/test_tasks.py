@@ -13,7 +13,9 @@ from eval.tasks import TASKS, TaskError, TaskMaker
 from tokenizer import load_tokenizer
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "model")
-NOISE_TASKS = [t for t in TASKS if t != "kjv_niah"]
+NOISE_TASKS = [t for t in TASKS if not t.startswith("kjv")]
+needs_bible = pytest.mark.skipif(shutil.which("bible") is None,
+                                 reason="bible-kjv is not installed (make eval-deps installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,8 @@ def test_same_seed_same_examples_other_seed_other_examples():
     assert a == b and a["answers"] != c["answers"]
 
 
+@needs_bible
 def test_kjv_needle_sits_in_bible_text(maker):
-    if shutil.which("bible") is None:
-        pytest.skip("bible-kjv is not installed (make eval-deps installs it)")
     ex = maker.make("kjv_niah", 2048, 1, 3)
     assert " the " in ex["context"] and ex["answers"][0] in ex["context"] and "grass is green" not in ex["context"]
 
@@ -99,3 +100,46 @@ def test_write_mode_emits_longbench_schema_files(tmp_path, capsys):
     assert synthetic.main(["--ckpt", DEMO, "--write", str(out), "--lengths", "4x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "unknown task(s) nope" in err[0] and "4x" in err[1]
+
+
+@needs_bible
+def test_kjv_multi_has_one_question_per_needle_at_spread_depths(maker):
+    n = 3
+    for i in range(n):
+        ex = maker.make("kjv_multi", 2048, i, n)
+        assert ex == maker.make_at("kjv_multi", 2048, i, i / (n - 1))
+        qs = ex["questions"]
+        assert len(qs) == len(ex["needles"]) == 4 and ex["input"] == qs[0]["input"]
+        assert ex["length"] <= 2048 and "grass is green" not in ex["context"]
+        keys = [re.search(r"number for ([a-z]+-[a-z]+) mentioned", q["input"]).group(1) for q in qs]
+        assert len(set(keys)) == 4
+        total = maker.ntok(ex["context"])
+        for j, (q, at, key) in enumerate(zip(qs, ex["needles"], keys)):
+            # needle j says key j's value, at depth (j + depth) / 4 of the context, one Bible verse either way
+            assert ex["context"][at:].startswith(f"One of the special magic numbers for {key} is: {q['answers'][0]}.")
+            assert abs(maker.ntok(ex["context"][:at]) - (j + ex["depth"]) / 4 * total) <= 120 + 40 * j
+            assert score_example("kjv_multi", " " + q["answers"][0], q["answers"], benchmark="synthetic") == 1.0
+            assert score_example("kjv_multi", " " + qs[(j + 1) % 4]["answers"][0], q["answers"],
+                                 benchmark="synthetic") == 0.0
+
+
+@needs_bible
+def test_kjv_multi_runs_every_question_records_hashes_and_resumes(tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    argv = ["--ckpt", DEMO, "--tasks", "kjv_multi", "--lengths", "1k", "--n", "1", "--chunk-size", "100",
+            "--setting", "t", "--out", out]
+    assert synthetic.main(argv) == 0
+    recs = synthetic.read_records(out)
+    maker = TaskMaker(load_tokenizer(DEMO), seed=0)
+    ex = maker.make("kjv_multi", 1024, 0, 1)
+    assert [r["q"] for r in recs] == [0, 1, 2, 3]
+    assert [r["answers"] for r in recs] == [q["answers"] for q in ex["questions"]]
+    assert [r["prompt_sha256"] for r in recs] == [synthetic.prompt_sha256(ex, q["input"]) for q in ex["questions"]]
+    assert len(set(r["prompt_sha256"] for r in recs)) == 4 and all(r["timing"] == "shared CPU" for r in recs)
+    assert {r["needle_chunk"] for r in recs} != {recs[0]["needle_chunk"]}  # the needles lie in different chunks
+    assert synthetic.main(argv) == 0 and synthetic.read_records(out) == recs  # resumed: nothing re-run
+    # records from before the hash: backfilled from the regenerated examples, exactly
+    with open(out, "w") as f:
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "prompt_sha256"}) + "\n" for r in recs)
+    assert synthetic.main(["--ckpt", DEMO, "--tasks", "kjv_multi", "--out", out, "--backfill-hash"]) == 0
+    assert synthetic.read_records(out) == recs

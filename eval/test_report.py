@@ -1,0 +1,21 @@
+"""eval/report.py: every cell shows n and its 95% Wilson interval; records with and without a prompt hash or a
+timing label are read alike, and the timing labels are printed with the table."""
+from eval import report
+
+
+def rec(score, seconds=10.0, **extra):
+    return {"task": "passkey", "setting": "pc2k", "target_length": 16384, "score": score, "seconds": seconds,
+            **extra}
+
+
+def test_cell_has_n_and_the_wilson_interval():
+    # 8 of 10: Wilson 95% = 49.0%-94.3%
+    assert report.cell([rec(1.0)] * 8 + [rec(0.0)] * 2) == "80% (n=10; 49-94%) 10 s"
+    assert report.cell([rec(1.0, 20.0)] * 3) == "100% (n=3; 44-100%) 20 s"
+
+
+def test_table_reads_old_and_new_records_and_names_the_timing():
+    rows = [rec(1.0), rec(0.0, prompt_sha256="ab" * 32, timing="shared CPU")]
+    out = report.table(rows)
+    assert "| passkey | pc2k | 50% (n=2; 9-91%) 10 s |" in out
+    assert "pc2k: not labelled, shared CPU" in out
