@@ -2,9 +2,10 @@
 al., 2024), re-implemented from their definitions. Each scorer takes (prediction, ground_truth) strings and
 returns a float in [0, 1]; `score_example` takes the max over an example's ground truths as LongBench does.
 
-ROUGE-L is the `rouge` package's F score (what LongBench calls); the code edit similarity is `rapidfuzz`'s
-`fuzz.ratio` rounded to an integer percentage, which is fuzzywuzzy's `fuzz.ratio` (LongBench's) when
-python-Levenshtein is installed. The Chinese datasets (multifieldqa_zh, dureader, vcsum, lsht,
+ROUGE-L is the `rouge` package's F score (what LongBench calls); the code edit similarity is fuzzywuzzy's
+`fuzz.ratio` as LongBench's requirements.txt gets it (no python-Levenshtein: difflib's SequenceMatcher), written
+out on the standard library. InfiniteBench scores passkey, number_string, kv_retrieval and longdialogue_qa_eng
+against the first label only, as its compute_scores.py does. The Chinese datasets (multifieldqa_zh, dureader, vcsum, lsht,
 passage_retrieval_zh) need the jieba segmenter and are not supported.
 """
 from __future__ import annotations
@@ -70,12 +71,23 @@ def count(prediction: str, ground_truth: str, **_) -> float:
     return _share_of_numbers(prediction, str(ground_truth))
 
 
+def fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy's fuzz.ratio as LongBench's requirements.txt installs it (fuzzywuzzy without python-Levenshtein):
+    100 for equal strings, 0 when either is empty, else round(100 * difflib.SequenceMatcher(None, a, b).ratio()),
+    with difflib's default autojunk. (rapidfuzz's ratio is an indel-distance ratio: it differs on many pairs.)"""
+    from difflib import SequenceMatcher
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * SequenceMatcher(None, a, b).ratio()))
+
+
 def code_sim(prediction: str, ground_truth: str, **_) -> float:
     """lcc, repobench-p: edit similarity of the first generated line that is not a comment or a code fence."""
-    from rapidfuzz import fuzz
     line = next((ln for ln in prediction.lstrip("\n").split("\n")
                  if "`" not in ln and "#" not in ln and "//" not in ln), "")
-    return round(fuzz.ratio(line, ground_truth)) / 100
+    return fuzz_ratio(line, ground_truth) / 100
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +139,8 @@ def choice(prediction: str, ground_truth: str, letter: str | None = None, **_) -
         if i >= 0:
             rest = pred[i + len(prefix) + 1:]
             return float(any(rest.startswith(t) for t in truths))
-    return next((float(w in truths) for w in pred.split() if w in ("A", "B", "C", "D")), 0.0)
+    # InfiniteBench's `word in "ABCD"`: the first word that is a substring of "ABCD" ("A", "BC", ...) decides
+    return next((float(w in truths) for w in pred.split() if w in "ABCD"), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,6 +174,9 @@ LONGBENCH_METRICS = {
 # LongBench scores only the first line of the prediction on these few-shot datasets
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")
 
+# InfiniteBench's compute_scores.py scores these against the first label only (label[0]); the others (QA F1,
+# choice) against all of them
+INFINITEBENCH_FIRST_LABEL = ("passkey", "number_string", "kv_retrieval", "longdialogue_qa_eng")
 INFINITEBENCH_METRICS = {
     "passkey": first_int_match, "number_string": first_int_match, "kv_retrieval": word_match,
     "longbook_qa_eng": qa_f1, "longbook_choice_eng": choice, "longdialogue_qa_eng": name_match,
@@ -175,8 +191,9 @@ SYNTHETIC_METRICS = {"passkey": "first_int", "passkey_bare": "first_int", "numbe
 
 def score_example(dataset: str, prediction: str, answers: list, all_classes: list[str] | None = None,
                   benchmark: str = "longbench", letter: str | None = None) -> float:
-    """One example's score in [0, 1]: the best over its ground truths (LongBench, InfiniteBench), or the RULER
-    string match over all of them (benchmark "synthetic")."""
+    """One example's score in [0, 1]: the best over its ground truths (LongBench; InfiniteBench's QA and choice),
+    the first ground truth only (InfiniteBench's passkey, number_string, kv_retrieval, longdialogue_qa_eng, as its
+    compute_scores.py), or the RULER string match over all of them (benchmark "synthetic")."""
     if benchmark == "synthetic":
         kind = SYNTHETIC_METRICS[dataset]
         if kind == "first_int":
@@ -187,5 +204,7 @@ def score_example(dataset: str, prediction: str, answers: list, all_classes: lis
         raise KeyError(f"no {benchmark} scorer for dataset {dataset!r}; supported: {', '.join(sorted(table))}")
     if benchmark == "longbench" and dataset in FIRST_LINE_ONLY:
         prediction = prediction.lstrip("\n").split("\n")[0]
+    if benchmark == "infinitebench" and dataset in INFINITEBENCH_FIRST_LABEL:
+        answers = answers[:1]
     metric = table[dataset]
     return max(metric(prediction, str(g), all_classes=all_classes, letter=letter) for g in answers)

@@ -79,3 +79,45 @@ def test_score_example_takes_the_best_ground_truth_and_first_line_on_few_shot_se
     assert m.score_example("vt", "AAAAA BBBBB", ["AAAAA", "BBBBB", "CCCCC", "DDDDD"], benchmark="synthetic") == 0.5
     with pytest.raises(KeyError, match="no longbench scorer"):
         m.score_example("dureader", "x", ["y"])
+
+
+def test_code_sim_is_difflib_as_fuzzywuzzy_without_levenshtein():
+    # difflib takes the longest block first ('c' at a[0], b[2]) and finds nothing on either side: 2*1/6 -> 33;
+    # an indel/LCS ratio (rapidfuzz) finds "bc": 2*2/6 -> 67
+    assert m.fuzz_ratio("cbc", "bac") == 33 and m.code_sim("cbc", "bac") == 0.33
+    # difflib's autojunk: in a ground truth of 201 characters 'a' (200 times, more than 201 // 100 + 1) is junk;
+    # no non-junk element matches, so the only block is the junk run that extends from the start, 100 long:
+    # 2*100/351 -> 57 (without autojunk the 150 a's all match: 85)
+    assert m.code_sim("a" * 150, "a" * 100 + "c" + "a" * 100) == 0.57
+    # fuzzywuzzy's order of checks: equal strings first (100, even both empty), then an empty side (0)
+    assert m.fuzz_ratio("", "") == 100 and m.fuzz_ratio("", "x") == 0 and m.fuzz_ratio("x", "") == 0
+    assert m.code_sim("// c\n", "") == 1.0
+
+
+# Two lines of InfiniteBench's published results/claude2/preds_longdialogue_qa_eng.jsonl (commit 88b3daa; MIT
+# License, Copyright (c) 2023 OpenBMB): on that file the official compute_scores.py gives 46.50, the max over the
+# labels 47.50; these are the two examples where the two rules differ.
+CLAUDE2_DIALOGUE = [
+    ("Based on the context in the script, it seems that \"$$MASK$$\" refers to the character Primate Pete. This is "
+     "evident from the following lines:\n\n\"PRIMATE PETE: Be my guest. He hands it over. Primate Roger lays down "
+     "his jagged rock slab to check it out. His buddies gather round.\"\n\nSo I will say the name used by the "
+     "scriptwriter is \"Primate Pete\".", ["PRIMATE PETE", "PETE"]),
+    ("Based on the dialogue, there is no character that is referred to as \"$$MASK$$\". The name that seems obscured "
+     "is \"John\", such as when Helena says \"Did she call him John?\" But there are no actual instances of "
+     "\"$$MASK$$\" in the dialogue text.", ["BERLIN", "JOHN BERLIN", "JOHN"]),
+]
+
+
+def test_infinitebench_dialogue_scores_the_first_label_only():
+    for pred, labels in CLAUDE2_DIALOGUE:
+        assert m.score_example("longdialogue_qa_eng", pred, labels, benchmark="infinitebench") == 0.0
+        assert max(m.name_match(pred, g) for g in labels) == 1.0  # a later label is among the words
+    assert m.score_example("longdialogue_qa_eng", "It is John.", ["JOHN", "BERLIN"], benchmark="infinitebench") == 1.0
+    # passkey / kv_retrieval: the first label too (compute_scores.py takes label[0] or compares the label itself)
+    assert m.score_example("passkey", "12345", ["99999", "12345"], benchmark="infinitebench") == 0.0
+
+
+def test_choice_takes_the_first_word_inside_abcd_as_infinitebench():
+    # InfiniteBench's last rule is `word in "ABCD"`: "AB" is such a word, and it is not the letter
+    assert m.choice("maybe AB or B", "x", letter="B") == 0.0
+    assert m.choice("maybe b or B", "x", letter="B") == 1.0
