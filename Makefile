@@ -32,6 +32,11 @@ eval-real: model eval-deps
 demo-real: model
 	$(PY) -m eval.demo_real --ckpt $(SMOLLM2)
 
+# issue 20's n >= 10 cells with 95% intervals, kjv_multi and the fair perplexity (eval/plan_n10.sh: about 18
+# CPU-hours; resumable, results in eval/results/)
+eval-n10: model eval-deps
+	bash eval/plan_n10.sh $(SMOLLM2)
+
 # RULER's generator (nvidia-long-context-eval, without its serving dependencies) in its own venv
 RULER_VENV := eval/cache/ruler-venv
 $(RULER_VENV)/done: eval/requirements-ruler.txt
@@ -47,4 +52,4 @@ ruler-deps: $(RULER_VENV)/done
 eval-ruler: model ruler-deps
 	bash eval/plan_ruler.sh
 
-.PHONY: demo test model eval-deps eval-real demo-real ruler-deps eval-ruler
+.PHONY: demo test model eval-deps eval-real demo-real ruler-deps eval-ruler eval-n10

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 20's SmolLM2 evidence at n >= 10 (make eval-n10), most important first; every step appends to a results
+# file under eval/results/ (committed) and a rerun skips what is there. Seconds are labelled with the load they were
+# measured under (TIMING; say "quiet" only with nothing else running). Sizing on 2 idle cores (1 thread on a
+# shared CPU: about 1.7x): step 1 about 7.5 CPU-hours (20 examples at 16K ~63 s, 32K ~133 s, 64K ~251 s);
+# step 2 about 0.7 (40 questions at 16K); step 3 about 10 (20 continuations x 5 lengths x 5 methods).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+M=${1:-${M:-eval/cache/SmolLM2-135M-Instruct}}
+PY=${PY:-.venv/bin/python}
+TIMING=${TIMING:-shared CPU}
+export OMP_WAIT_POLICY=PASSIVE
+run() { "$PY" -m eval.synthetic --ckpt "$M" --timing "$TIMING" "$@"; }
+# 1. ParallelComp (2K chunks, 1 kept) on the passkey and the King James Bible needle, 10 depths per cell
+for L in 16k 32k 64k; do
+  run --setting pc2k --chunk-size 2000 --tasks passkey,kjv_niah --lengths $L --n 10 --out eval/results/smollm2_n10.jsonl
+done
+# 2. several questions per context (4 needles in the Bible, one question each), one-shot per question until
+#    document sessions run here
+run --setting pc2k --chunk-size 2000 --tasks kjv_multi --lengths 16k --n 10 --out eval/results/smollm2_n10.jsonl
+# 3. perplexity by context length, the fair protocol (query-selected chunks against last-k, random-k, full
+#    attention; the oracle as an upper bound)
+"$PY" -m eval.perplexity --ckpt "$M" --lengths 2k,4k,8k,16k,32k --n 20 --full-limit 16k \
+  --out eval/results/perplexity_smollm2.jsonl
+"$PY" -m eval.report eval/results/smollm2_n10.jsonl
