@@ -191,39 +191,41 @@ def print_stats(stats: dict, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Main
 
+def make_config(args: argparse.Namespace, n_layers: int) -> ParallelCompConfig:
+    """The method's options; a flag left out keeps ParallelCompConfig's default."""
+    names = ("chunk_size", "keep_chunks", "kv_capacity", "window", "calibration_threshold", "chunk_batch")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return ParallelCompConfig(calibration=parse_calibration(args.calibration, n_layers), **given)
+
+
 def prepare(args: argparse.Namespace, first: bool, rank_device: torch.device | None):
-    """Check every input and option, then load the model: (context, question, config, tokenizer, model, device).
+    """Check every input and option, then load the model: (context, questions, config, tokenizer, model, device).
     first: this process writes --dump; rank_device: this rank's device under torchrun."""
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.full_max_tokens is not None and args.full_max_tokens < 1:
-        raise UsageError(f"--full-max-tokens must be at least 1, got {args.full_max_tokens}")
-    if not args.max_prompt_mb > 0:
-        raise UsageError(f"--max-prompt-mb must be positive, got {args.max_prompt_mb}")
-    if args.question is not None and args.question_file is not None:
-        raise UsageError("give --question or --question-file, not both")
+    if sum(x is not None for x in (args.question, args.question_file, args.questions_file)) > 1:
+        raise UsageError("give one of --question, --question-file and --questions-file")
+    if args.save_cache and args.load_cache:
+        raise UsageError("give --save-cache or --load-cache, not both (a loaded cache is already on disk)")
+    if args.dump and args.questions_file:
+        raise UsageError("--dump writes one question's trace; use it with --question")
     if args.dump and first:
         check_writable(args.dump)
     prompt = read_prompt(args.prompt_file, args.max_prompt_mb)
-    question = args.question
-    if args.question_file:
-        question = read_prompt(args.question_file, args.max_prompt_mb, "question file")
-    elif question is not None:
-        check_utf8(question, "--question")
+    if args.questions_file:  # one question per line, blank lines skipped
+        text = read_prompt(args.questions_file, args.max_prompt_mb, "questions file")
+        questions = [line.strip() for line in text.splitlines() if line.strip()]
+        context = split_question(prompt, questions[0])[0]  # the same context for every line
+    else:
+        question = args.question
+        if args.question_file:
+            question = read_prompt(args.question_file, args.max_prompt_mb, "question file")
+        elif question is not None:
+            check_utf8(question, "--question")
+        context, question = split_question(prompt, question)
+        questions = [question]
     check_utf8(args.instruction, "--instruction")
-    context, question = split_question(prompt, question)
     device, dtype = pick_device(args.device, args.dtype)
     model_args = load_args(args.ckpt)  # config.json only: options are checked before any weights are read
-    cfg = ParallelCompConfig(
-        chunk_size=args.chunk_size, keep_chunks=args.keep_chunks, kv_capacity=args.kv_capacity, window=args.window,
-        calibration=parse_calibration(args.calibration, model_args.n_layers),
-        calibration_threshold=args.calibration_threshold, chunk_batch=args.chunk_batch)
+    cfg = make_config(args, model_args.n_layers)
     cfg.validate(model_args)
     tokenizer = load_tokenizer(args.ckpt)
     if tokenizer.vocab_size > model_args.vocab_size:
@@ -233,33 +235,45 @@ def prepare(args: argparse.Namespace, first: bool, rank_device: torch.device | N
         tokenizer.chat_parts("?")  # a missing or broken chat template fails here, before the weights load
     if rank_device is not None and device.type == "cuda":
         device = rank_device  # cuda:LOCAL_RANK
-    return context, question, cfg, tokenizer, load_model(args.ckpt, device=device, dtype=dtype), device
+    return context, questions, cfg, tokenizer, load_model(args.ckpt, device=device, dtype=dtype), device
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.dist_timeout > 0:
-        raise UsageError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    sessions = args.questions_file or args.save_cache or args.load_cache
+    if distributed.launched() and sessions:
+        raise UsageError("--questions-file, --save-cache and --load-cache run in one process; launch without "
+                         "torchrun (README: one document, many questions)")
     group = rank_device = None
     if distributed.launched():  # under torchrun this process is one rank
         cuda = args.device != "cpu" and torch.cuda.is_available()
         group, rank_device = distributed.setup("cuda" if cuda else "cpu", args.dist_timeout)
     first = distributed.is_first(group)
     with distributed.together(group):  # bad input seen by any rank ends every rank here, before any work
-        context, question, cfg, tokenizer, model, device = prepare(args, first, rank_device)
+        context, questions, cfg, tokenizer, model, device = prepare(args, first, rank_device)
+    if sessions:
+        import session
+        session.run_cli(args, context, questions, cfg, tokenizer, model, device)
+        return 0
     with distributed.together(group):  # every rank stays until rank 0 has decoded and written (or failed)
-        respond(args, context, question, cfg, tokenizer, model, device, group)
+        respond(args, context, questions[0], cfg, tokenizer, model, device, group)
     return 0
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 def respond(args, context, question, cfg, tokenizer, model, device, group) -> None:
     """Answer, streaming the text to stdout, then print the stats and write --dump (on rank 0 only)."""
     first, stream = distributed.is_first(group), Stream()
+    kw = dict(method=args.method, chat=args.chat, full_max_tokens=args.full_max_tokens, trace=bool(args.dump),
+              instruction=args.instruction, progress=Progress(sys.stderr.isatty()) if first else None,
+              on_text=stream if first else None, **sampling(args))
     try:
-        result = answer(model, tokenizer, context, question, cfg, method=args.method, chat=args.chat,
-                        full_max_tokens=args.full_max_tokens, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                        progress=Progress(sys.stderr.isatty()) if first else None, on_text=stream if first else None,
-                        trace=bool(args.dump), group=group, instruction=args.instruction)
+        if group is None:
+            result = answer(model, tokenizer, context, question, cfg, **kw)
+        else:
+            result = distributed.answer(model, tokenizer, context, question, cfg, group=group, **kw)
     except ConfigError as e:
         if e.about == "question" and args.question is None and args.question_file is None:
             raise ConfigError(f"{e} (no --question was given, so the prompt file's last paragraph is the "
@@ -290,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             from demo.run import run_demo
             return run_demo()
         return run(build_parser().parse_args(argv))
-    except (UsageError, CheckpointError, ConfigError) as e:
+    except (UsageError, CheckpointError, ConfigError) as e:  # session.CacheError is a ConfigError
         say("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return 2
     except distributed.RankFailed as e:
@@ -316,38 +330,56 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def number(kind, ok, rule: str):
+    """An argparse type: a `kind` value for which ok(value) holds, else one line: "must be RULE, got TEXT"."""
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d = ParallelCompConfig()
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer files")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the long context")
     p.add_argument("--question", help="the question; default: the prompt file's last paragraph")
     p.add_argument("--question-file", help="read the question from this file instead")
+    p.add_argument("--questions-file", help="one question per line: the prompt file is read once and each answer is "
+                   "a JSON line on stdout (README: one document, many questions)")
+    p.add_argument("--save-cache", metavar="PATH", help="write the encoded document (every chunk's K/V) to PATH")
+    p.add_argument("--load-cache", metavar="PATH", help="answer from a document cache written by --save-cache")
     p.add_argument("--instruction", default="", help="text before the context that every chunk reads (e.g. the "
                    "task's instructions), not scored as the question; the model reads instruction + prompt + question")
     p.add_argument("--method", choices=["parallelcomp", "full"], default="parallelcomp",
                    help="parallelcomp (default) or full: ordinary attention over the whole input, the baseline")
-    p.add_argument("--full-max-tokens", type=int,
+    p.add_argument("--full-max-tokens", type=number(int, lambda v: v >= 1, "at least 1"),
                    help="with --method full: middle-truncate the input to this many tokens (the paper's FullKV)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--max-new-tokens", type=number(int, lambda v: v >= 1, "at least 1"), default=128, help="tokens to generate at most (128)")
+    p.add_argument("--temperature", type=number(float, lambda v: v >= 0, ">= 0"), default=0.0, help="0 = greedy (default), else sampling")
+    p.add_argument("--top-p", type=number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass when sampling (default 1.0)")
+    p.add_argument("--seed", type=number(int, lambda v: 0 <= v < 2**63, "in [0, 2^63)"), default=0, help="sampling seed (default 0)")
     p.add_argument("--chunk-size", type=int, help="context tokens per chunk (default: trained window - question - "
                                                   "max new tokens)")
-    p.add_argument("--keep-chunks", type=int, default=3, help="chunks kept after scoring (default 3; 1 for retrieval)")
+    p.add_argument("--keep-chunks", type=int, help=f"chunks kept after scoring (default {d.keep_chunks}; 1 for retrieval)")
     p.add_argument("--kv-capacity", type=int, help="context tokens kept per chunk by KV eviction (default: no eviction)")
-    p.add_argument("--window", type=int, default=8, help="observation window for KV eviction (default 8)")
+    p.add_argument("--window", type=int, help=f"observation window for KV eviction (default {d.window})")
     p.add_argument("--calibration", default="none",
                    help="none (default), paper, or rules like middle:1-8,recent:9-16,sink:25-32 (1-based layers)")
-    p.add_argument("--calibration-threshold", type=float, default=0.1, help="attention threshold (default 0.1)")
-    p.add_argument("--chunk-batch", type=int, default=4, help="chunks per forward pass (default 4)")
+    p.add_argument("--calibration-threshold", type=float,
+                   help=f"attention threshold (default {d.calibration_threshold})")
+    p.add_argument("--chunk-batch", type=int, help=f"chunks per forward pass (default {d.chunk_batch})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
-    p.add_argument("--max-prompt-mb", type=float, default=64,
+    p.add_argument("--max-prompt-mb", type=number(float, lambda v: v > 0, "positive"), default=64,
                    help="refuse prompt files larger than this many MiB (default 64, about 16M tokens)")
-    p.add_argument("--dist-timeout", type=float, default=600,
+    p.add_argument("--dist-timeout", type=number(float, lambda v: v > 0, "positive"), default=600,
                    help="under torchrun: seconds a rank waits for the others before giving up (default 600)")
     p.add_argument("--dump", help="write the stage-by-stage trace to this .safetensors file (README: trace format)")
     return p

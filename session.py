@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -34,7 +35,7 @@ FORMAT = "parallelcomp-document-1"
 QUESTION_BUDGET = 128  # question tokens the default chunk size leaves room for, when no question is known yet
 
 
-class CacheError(ValueError):
+class CacheError(pc.ConfigError):
     """A cache file that cannot be used; the message says which and what to do."""
 
 
@@ -61,16 +62,20 @@ class Document:
     @classmethod
     def encode(cls, model, tokenizer, context: str, config: pc.ParallelCompConfig | None = None, chat: bool = False,
                instruction: str = "", questions: list[str] = (), max_new_tokens: int = 32, progress=None):
-        """Stages 1-2 once. The ids come from the prompt with the longest of `questions` (a placeholder if none);
-        a default chunk size leaves room for that question (or QUESTION_BUDGET tokens) and max_new_tokens."""
-        probe = max(questions, key=len, default="?")
-        config = config or pc.ParallelCompConfig()
-        if config.chunk_size is None:
-            ids = tokenizer.encode_prompt(context, probe, chat, instruction)
-            n_q = len(ids.question) if questions else QUESTION_BUDGET
-            size = pc.default_chunk_size(model.args, len(ids.header), n_q, max_new_tokens)
-            config = dataclasses.replace(config, chunk_size=size)
-        prompt = pc.prepare(model, tokenizer, context, probe, config, chat, instruction, max_new_tokens)
+        """Stages 1-2 once. The document's ids are those of the prompt with the first of `questions` that fits
+        the window (every question is checked against them). A default chunk size leaves room for questions of
+        QUESTION_BUDGET tokens (or that first one, if longer) and max_new_tokens."""
+        for probe in [*questions, "\n"]:
+            try:
+                prompt = pc.prepare(model, tokenizer, context, probe, config, chat, instruction, max_new_tokens)
+                break
+            except pc.ConfigError as e:
+                if e.about != "question":
+                    raise
+        if config is None or config.chunk_size is None:
+            n_q = max(QUESTION_BUDGET, len(prompt.question))
+            size = pc.default_chunk_size(model.args, len(prompt.header), n_q, max_new_tokens)
+            prompt.cfg = dataclasses.replace(prompt.cfg, chunk_size=size)
         t0 = time.perf_counter()
         bounds = pc.split_chunks(prompt.strength, prompt.cfg.chunk_size)
         chunks = list(pc.stream_chunks(model, prompt.header, prompt.context, bounds, prompt.cfg, progress))
@@ -199,3 +204,42 @@ def check_shapes(args, n_header: int, n_context: int, chunks: list[pc.ChunkKV]) 
             raise ValueError(f"chunk {c.index} has the wrong number of layers or a wrong logits shape")
     if end != n_context:
         raise ValueError(f"the chunks cover {end} of {n_context} context tokens")
+
+
+def run_cli(args, context: str, questions: list[str], cfg: pc.ParallelCompConfig, tokenizer, model, device) -> None:
+    """generate.py with --questions-file, --save-cache or --load-cache: read the document once (or load it), then
+    answer each question. With --questions-file each answer is a JSON line on stdout, flushed as it is done, and
+    a question that cannot run gets its own {"question", "error"} line; progress and stats go to stderr."""
+    from generate import Progress, Stream, print_stats, sampling
+    if args.load_cache:
+        t0 = time.perf_counter()
+        doc = Document.load(args.load_cache, model, tokenizer, context, cfg, args.chat, args.instruction)
+        doc.encode_s, what = time.perf_counter() - t0, f"loaded from {args.load_cache}"
+    else:
+        doc = Document.encode(model, tokenizer, context, cfg, args.chat, args.instruction, questions,
+                              args.max_new_tokens, Progress(sys.stderr.isatty()))
+        what = "encoded"
+    print(f"document: {len(doc.prompt.context):,} tokens in {len(doc.chunks)} chunks {what} in {doc.encode_s:.1f} s; "
+          f"every chunk's K/V is held: {doc.kv_bytes() / 2**20:.1f} MiB", file=sys.stderr)
+    if args.save_cache:
+        size = doc.save(args.save_cache)
+        print(f"document cache written to {args.save_cache} ({size / 2**20:.1f} MiB)", file=sys.stderr)
+    for question in questions:
+        if not args.questions_file:
+            stream = Stream()
+            result = doc.answer(question, config=cfg, on_text=stream, trace=bool(args.dump), **sampling(args))
+            stream.finish(result.text)
+            print_stats(result.stats, device)
+            if args.dump:
+                save_file(result.trace, args.dump)
+            continue
+        try:
+            result = doc.answer(question, config=cfg, **sampling(args))
+            line = {"question": question, "answer": result.text}
+            s = result.stats
+            print(f"question {questions.index(question) + 1}/{len(questions)}: {s['chunks_kept']} of "
+                  f"{s['chunks_total']} chunks kept, {s['prefill_s']:.2f} s question prefill, {s['new_tokens']} "
+                  f"tokens in {s['decode_s']:.2f} s", file=sys.stderr)
+        except pc.ConfigError as e:
+            line = {"question": question, "error": " ".join(str(e).splitlines())}
+        print(json.dumps(line, ensure_ascii=False), flush=True)

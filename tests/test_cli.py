@@ -146,7 +146,7 @@ def test_cli_instruction_is_read_before_the_context(ckpt, context):
 @pytest.mark.parametrize("argv, words", [
     (["--chunk-size", "ten"], ["--chunk-size: invalid int value"]),  # argparse
     (["--keep-chunks", "0"], ["keep_chunks must be a positive integer"]),  # ConfigError
-    (["--top-p", "2"], ["--top-p must be in (0, 1]"]),  # UsageError
+    (["--top-p", "2"], ["--top-p: must be in (0, 1]"]),  # UsageError
     (["--ckpt", "no/such/folder"], ["does not exist"]),  # CheckpointError
 ])
 def test_bad_flag_is_one_line_and_nonzero_exit(ckpt, context, argv, words):

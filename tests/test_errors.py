@@ -185,7 +185,7 @@ def test_a_few_undecodable_bytes_are_replaced_with_a_warning(capsys, ckpt, tmp_p
     (["--question", ""], ["question is empty"]),
     (["--question", " \n "], ["question is empty"]),
     (["--question", "bad \udcff byte"], ["--question is not valid UTF-8"]),  # how Python passes on non-UTF-8 argv
-    (["--question", "q", "--question-file", "q.txt"], ["--question or --question-file, not both"]),
+    (["--question", "q", "--question-file", "q.txt"], ["give one of --question, --question-file and --questions-file"]),
     (["--question", "word " * 300], ["tokens, longer than the model's trained window (256)"]),
     (["--question", " the" * 220, "--max-new-tokens", "60"], ["(220 tokens) plus max_new_tokens (60) leave no room"]),
 ])
@@ -202,13 +202,13 @@ def test_empty_question_file(capsys, ckpt, prompt, tmp_path):
 # Option values
 
 @pytest.mark.parametrize("argv, words", [
-    (["--max-new-tokens", "0"], ["--max-new-tokens must be at least 1"]),
-    (["--temperature", "-1"], ["--temperature must be >= 0"]),
-    (["--temperature", "nan"], ["--temperature must be >= 0"]),
-    (["--top-p", "0"], ["--top-p must be in (0, 1]"]),
-    (["--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
-    (["--seed", "-1"], ["--seed must be in [0, 2^63)"]),
-    (["--max-prompt-mb", "0"], ["--max-prompt-mb must be positive"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens: must be at least 1"]),
+    (["--temperature", "-1"], ["--temperature: must be >= 0"]),
+    (["--temperature", "nan"], ["--temperature: must be >= 0"]),
+    (["--top-p", "0"], ["--top-p: must be in (0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p: must be in (0, 1]"]),
+    (["--seed", "-1"], ["--seed: must be in [0, 2^63)"]),
+    (["--max-prompt-mb", "0"], ["--max-prompt-mb: must be positive"]),
     (["--chunk-size", "0"], ["chunk_size must be a positive integer, got 0"]),
     (["--keep-chunks", "-2"], ["keep_chunks must be a positive integer, got -2"]),
     (["--kv-capacity", "0"], ["kv_capacity must be a positive integer"]),
@@ -417,7 +417,7 @@ def test_random_unicode_prompt_runs_end_to_end(capsys, ckpt, tmp_path):
 # Nothing from a checkpoint folder is unpickled or executed
 
 def project_sources():
-    skip = {".venv", ".git", "tests", "__pycache__"}
+    skip = {".venv", ".git", "tests", "__pycache__", "cache"}  # eval/cache: downloads, git-ignored
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in skip]
         yield from (os.path.join(folder, f) for f in files if f.endswith(".py") and f != "conftest.py")

@@ -134,3 +134,43 @@ def test_an_interrupted_save_leaves_no_file(demo, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         doc.save(str(tmp_path / "doc.safetensors"))
     assert os.listdir(tmp_path) == []
+
+
+def cli(*argv, env=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "generate.py", "--ckpt", DEMO, *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_questions_file_gives_one_json_line_per_question(demo, tmp_path):
+    model, tok, context = demo
+    (tmp_path / "p.txt").write_text(context)
+    long = " ".join(["pass key"] * 300)  # longer than the demo model's 256-token window
+    (tmp_path / "q.txt").write_text(f"What is the pass key?\n\n   \n{long}\nWhich number is it?\n")
+    cache = tmp_path / "doc.safetensors"
+    proc = cli("--prompt-file", tmp_path / "p.txt", "--questions-file", tmp_path / "q.txt", "--max-new-tokens", 5,
+               "--chunk-size", 200, "--kv-capacity", 80, "--save-cache", cache)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["question"] for line in lines] == ["What is the pass key?", long, "Which number is it?"]
+    assert "answer" in lines[0] and "answer" in lines[2] and "longer than the model's trained window" in lines[1]["error"]
+    cfg = pc.ParallelCompConfig(chunk_size=200, kv_capacity=80)
+    for line in lines[::2]:  # each answer is the one-shot answer (the CLI starts the question on a new line)
+        assert line["answer"] == pc.answer(model, tok, context + "\n", line["question"], cfg, max_new_tokens=5).text
+    assert "K/V is held" in proc.stderr and "document cache written" in proc.stderr
+    again = cli("--prompt-file", tmp_path / "p.txt", "--questions-file", tmp_path / "q.txt", "--max-new-tokens", 5,
+                "--kv-capacity", 80, "--load-cache", cache)
+    assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
+    (tmp_path / "p.txt").write_text(context + " Changed.")
+    refused = cli("--prompt-file", tmp_path / "p.txt", "--question", "Why?", "--load-cache", cache)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [f"error: {cache} was written for another text (prompt file, "
+                                                   "--instruction or --chat); encode the document again (--save-cache)"]
+
+
+def test_cli_sessions_under_torchrun_are_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("Some text. " * 20)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2")
+    proc = cli("--prompt-file", tmp_path / "p.txt", "--questions-file", tmp_path / "p.txt", env=env)
+    assert proc.returncode == 2 and "run in one process; launch without torchrun" in proc.stderr
