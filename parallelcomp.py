@@ -145,13 +145,9 @@ def boundary_strength(token_texts: list[str]) -> torch.Tensor:
 def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) -> list[tuple[int, int]]:
     """Split N context tokens into near-equal chunks of at most chunk_size tokens, cut at natural boundaries.
 
-    The count is planned once: C = ceil(N / chunk_size), or the next count up that lets every cut fall on a line
-    or sentence end (at most 8 more; else the count with the fewest hard cuts). For a count C, cut i is planned
-    at round(i * N / C) and placed by plan_cuts. Why the count may grow: with N just under C * chunk_size no
-    cut has room to move (16,384 tokens in 241-token chunks: 68 chunks, 4 tokens of slack in all), and on the
-    demo model 53-61 of those 67 cuts fell mid-sentence and passkey accuracy at 16K fell from 10/10 to 7/10.
-    (Planning each chunk from where the previous one ended drifts instead: an early cut shrinks the next
-    target, and N = 2,000 with chunk_size 100 and a sentence end every 10 tokens gave 22 chunks, here 21.)
+    The count is planned once: C = ceil(N / chunk_size), or the next count up (at most 8 more) that lets every
+    cut fall on a line or sentence end, since with N just under C * chunk_size no cut has room to move (README:
+    chunking). For a count C, cut i is planned at round(i * N / C) and placed by plan_cuts.
 
     strength: [N] boundary strength of each context token (see boundary_strength). Returns [(start, end)]
     covering 0..N exactly once. The released code instead splits the *text* evenly by characters, which cuts
@@ -166,8 +162,7 @@ def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) ->
             best = cuts, hard
         if hard == 0:
             break
-    cuts = best[0]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(zip(best[0][:-1], best[0][1:]))
 
 
 def plan_cuts(strength: torch.Tensor, chunk_size: int, count: int, slack: int) -> tuple[list[int], int]:
@@ -175,10 +170,8 @@ def plan_cuts(strength: torch.Tensor, chunk_size: int, count: int, slack: int) -
     round(i * N / count) to a line or sentence end at most `slack` tokens away, or stay on it (a hard cut).
     Of all placements, the one with the fewest hard cuts, then the fewest cuts at a sentence end that is not a
     line end, then the smallest total distance to the plan (ties: the earlier cut): a shortest path over the
-    candidate cuts, one step per cut. (A greedy cut-by-cut choice runs out of room: a cut that moves back
-    lengthens the next chunk.) Line ends first: a line is the larger unit; a sentence end inside a line can
-    split one statement, e.g. "The pass key is 33468. Remember it. | 33468 is the pass key." on SmolLM2, whose
-    chunk ending at "Remember it." ranked first and was then misread.
+    candidate cuts, one step per cut (a greedy choice runs out of room). Line ends first: a sentence end inside
+    a line can split one statement (README: chunking).
     Returns (cuts 0 = c_0 < c_1 < ... < c_count = N, number of hard cuts)."""
     n = len(strength)
     unit = 2 * slack + 1  # more than any distance to the plan
@@ -660,21 +653,16 @@ def header_note(n_header: int, join: str) -> str:
     return f"{join} the header ({n_header} tokens: BOS, chat prefix, instruction)" if n_header > 1 else ""
 
 
-def check_question(args: ModelArgs, header: torch.Tensor, question: torch.Tensor) -> None:
+def check_prompt(args: ModelArgs, header: torch.Tensor, context: torch.Tensor, question: torch.Tensor) -> None:
+    """Refuse prompts that cannot run, before any forward pass (session.py checks each question's part alone)."""
     if len(question) == 0:
         raise ConfigError("the question is empty; pass a question", about="question")
     if len(header) + len(question) > args.trained_window:
         raise ConfigError(f"the question is {len(question)} tokens{header_note(len(header), ' with')}, longer than "
                           f"the model's trained window ({args.trained_window}); shorten it", about="question")
-    if int(question.max()) >= args.vocab_size:
-        raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
-                          "the tokenizer files do not belong to this checkpoint")
-
-
-def check_context(args: ModelArgs, header: torch.Tensor, context: torch.Tensor) -> None:
     if len(context) == 0:
         raise ConfigError("the context is empty; give the text to answer the question about")
-    if int(torch.cat([header, context]).max()) >= args.vocab_size:
+    if int(torch.cat([header, context, question]).max()) >= args.vocab_size:
         raise ConfigError(f"the tokenizer produced ids beyond the model's vocabulary ({args.vocab_size}); "
                           "the tokenizer files do not belong to this checkpoint")
 
@@ -698,8 +686,7 @@ def prepare(model: Transformer, tokenizer, context: str, question: str, config: 
     ids = tokenizer.encode_prompt(context, question, chat, instruction)
     header, context_ids, question_ids = (torch.tensor(x, dtype=torch.long, device=device)
                                          for x in (ids.header, ids.context, ids.question))
-    check_question(model.args, header, question_ids)
-    check_context(model.args, header, context_ids)
+    check_prompt(model.args, header, context_ids, question_ids)
     cfg = config or ParallelCompConfig()
     if cfg.chunk_size is None:
         size = default_chunk_size(model.args, len(header), len(question_ids), max_new_tokens)

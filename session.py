@@ -98,7 +98,7 @@ class Document:
                                  "spanning the join puts it before the context's end); ask it without a session",
                                  about="question")
         q = torch.tensor(ids.question, dtype=torch.long, device=self.prompt.context.device)
-        pc.check_question(self.model.args, self.prompt.header, q)
+        pc.check_prompt(self.model.args, self.prompt.header, self.prompt.context, q)
         return q
 
     def answer(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
