@@ -47,6 +47,10 @@ cap() {  # cap WANT [RESERVE]: a step's timeout, at most WANT s and leaving RESE
 section() { echo; echo "=== [$SECONDS s] $*"; }
 copy() { [[ -f $1 ]] && cp "$1" "$OUT/$2"; }
 
+cut_short() {  # cut_short DIR NAME: a bench step failed or timed out; its report from the rows written so far
+    echo "$2: failed or timed out; the rows measured so far are in $2.csv and $2.md"
+    [[ -f $1/results.json ]] && timeout 15 $PY bench/report.py "$1"
+}
 collect() {  # the 8 files of $OUT, from whatever the steps left (also after a timeout)
     copy "$WORK/$BIG/results.md" "$BIG.md"; copy "$WORK/$BIG/results.csv" "$BIG.csv"
     copy "$WORK/$BIG/prefill_time.png" "$BIG-prefill_time.png"; copy "$WORK/$BIG/peak_memory.png" "$BIG-peak_memory.png"
@@ -117,8 +121,7 @@ fi
 section "4. $BIG: full attention vs ParallelComp, b=1 and b=16, with and without KV compression"
 if (( $(left) > 120 )); then
     timeout "$(cap 260 100)" $PY bench/bench.py --shape $BIG "${DEV[@]}" --lengths $LENGTHS --chunk-batch 16 \
-        --decode-tokens 16 --warmup same --out "$WORK/$BIG" \
-        || echo "$BIG: failed or timed out; the rows measured so far are in $BIG.csv"
+        --decode-tokens 16 --warmup same --out "$WORK/$BIG" || cut_short "$WORK/$BIG" "$BIG"
 else
     echo "skipped $BIG: only $(left) s of the budget left"
 fi
@@ -127,7 +130,7 @@ section "5. $LLAMA2 at $LONGEST tokens, 23 chunks per forward: the Table 7 line"
 if (( $(left) > 60 )); then
     timeout "$(cap 200 10)" $PY bench/bench.py --shape $LLAMA2 "${DEV[@]}" --lengths $LONGEST --chunk-batch 23 \
         --methods one,many,many+kv --decode-tokens 16 --warmup same --no-plots --out "$WORK/$LLAMA2-table7" \
-        || echo "$LLAMA2: failed or timed out; the rows measured so far are in $LLAMA2-table7.csv"
+        || cut_short "$WORK/$LLAMA2-table7" "$LLAMA2-table7"
 else
     echo "skipped $LLAMA2: only $(left) s of the budget left"
 fi
