@@ -128,3 +128,35 @@ def test_generate_one_task_with_the_package(tmp_path):
         ins, ctx, q = ruler.split_ruler("niah_single_1", ex["input"])
         assert ex["outputs"][0] in ctx and ex["outputs"][0] not in ins + q
         assert len(tok.encode(ex["input"])) + 128 <= 1024
+
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "model")
+
+
+def test_run_records_hashes_resumes_and_refuses_changed_data(tmp_path, monkeypatch):
+    # one example per task in RULER's file format, run with the demo model (chunks it can read)
+    monkeypatch.setitem(ruler.SETTINGS, "pc24", {"method": "parallelcomp", "chunk_size": 24})
+    for family in ("niah", "qa"):  # the demo model's window is 256 tokens
+        monkeypatch.setitem(ruler.MAX_NEW_TOKENS, family, 6)
+    data, out = tmp_path / "data", str(tmp_path / "r.jsonl")
+    for task, parts in (("niah_single_1", NIAH), ("qa_1", QA)):
+        d = data / "200" / task
+        d.mkdir(parents=True)
+        ctx = parts[1]
+        (d / "validation.jsonl").write_text(json.dumps(
+            {"index": 0, "input": parts[0] + ctx + parts[2], "outputs": ["1234567"], "length": 199}) + "\n")
+    argv = ["run", "--ckpt", DEMO, "--data", str(data), "--cells", "pc24:200,full:200", "--tasks",
+            "niah_single_1,qa_1", "--n", "1", "--out", out]
+    assert ruler.main(argv) == 0
+    recs = [json.loads(line) for line in open(out)]
+    assert [(r["task"], r["setting"]) for r in recs] == [("niah_single_1", "pc24"), ("niah_single_1", "full"),
+                                                          ("qa_1", "pc24"), ("qa_1", "full")]
+    inputs = {t: json.loads(open(data / "200" / t / "validation.jsonl").readline())["input"]
+              for t in ("niah_single_1", "qa_1")}
+    assert all(r["prompt_sha256"] == ruler.prompt_hash(inputs[r["task"]]) for r in recs)
+    assert [r["keep_chunks"] for r in recs] == [1, None, 1, None] and recs[0]["chunks_total"] > 1
+    assert all(r["score"] == ruler.score(r["task"], r["pred"], ["1234567"]) for r in recs)
+    assert ruler.main(argv) == 0 and [json.loads(line) for line in open(out)] == recs  # resumed
+    (data / "200" / "qa_1" / "validation.jsonl").write_text(json.dumps(
+        {"index": 0, "input": QA[0] + "Document 1:\nother" + QA[2], "outputs": ["x"], "length": 99}) + "\n")
+    assert ruler.main(argv) == 1  # the data changed under the results: refused
