@@ -1,12 +1,14 @@
-"""encode_prompt against transformers: on real and synthetic checkpoint folders, a one-chunk input (header +
-context + question) is exactly what the model's own tokenizer gives: `tokenizer(text)` without --chat,
-`apply_chat_template(..., tokenize=True)` with it; and every chunk input is the tokenizer's own encoding of the
-text it stands for (README, "The header and the joins").
+"""encode_prompt against transformers, on real and synthetic checkpoint folders: header, context and question
+are the model's own tokenizer's encodings of their texts, each where it stands in the input; every chunk input
+reads header + chunk text + the whole question; a one-chunk input is exactly `tokenizer(text)` (with --chat
+`apply_chat_template(..., tokenize=True)`) wherever no token of that encoding crosses a join (README, "The
+header and the joins").
 
-Synthetic folders reproduce the tokenizer files and chat templates of Llama-2-chat and Mistral-Instruct
-(SentencePiece tokenizer.model), Llama-3-Instruct (tokenizer.json whose post-processor adds a BOS, a template
-that prints it) and Qwen2.5-Instruct (tokenizer.json without BOS, ChatML); the real one is SmolLM2-135M-Instruct
-when `make model` has fetched it."""
+Synthetic folders reproduce the tokenizer files and chat templates of Llama-2-chat (its tokenizer.model, and the
+tokenizer.json transformers writes from it), Mistral-Instruct (tokenizer.model), Llama-3-Instruct (tokenizer.json
+whose post-processor adds a BOS, a template that prints it) and Qwen2.5-Instruct (tokenizer.json without BOS,
+ChatML); the real one is SmolLM2-135M-Instruct when `make model` has fetched it."""
+import functools
 import json
 import os
 import shutil
@@ -119,19 +121,29 @@ def smollm2_folder():
     return DEFAULT_OUT if os.path.exists(os.path.join(DEFAULT_OUT, "tokenizer.json")) else None
 
 
+def json_folder(path, sp_dir):
+    """Llama-2-chat as its hub repository also ships it: a tokenizer.json (the Metaspace pipeline transformers
+    writes from tokenizer.model), which is read before tokenizer.model."""
+    transformers.AutoTokenizer.from_pretrained(sp_dir).save_pretrained(path)
+    return str(path)
+
+
 # SmolLM2's template: ChatML with a default system turn, no bos_token in it
 SMOLLM2_INSTRUCT = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-FOLDERS = ["llama2_chat", "mistral_instruct", "llama3_instruct", "qwen25_instruct", "smollm2_like", "smollm2"]
+FOLDERS = ["llama2_chat", "llama2_json", "mistral_instruct", "llama3_instruct", "qwen25_instruct", "smollm2_like",
+           "smollm2"]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, sp_model, bpe_tokenizer_dir):
     root = tmp_path_factory.mktemp("folders")
-    return {"llama2_chat": sp_folder(root / "llama2", sp_model, LLAMA2_CHAT),
+    llama2 = sp_folder(root / "llama2", sp_model, LLAMA2_CHAT)
+    return {"llama2_chat": llama2,
+            "llama2_json": json_folder(root / "llama2_json", llama2),
             "mistral_instruct": sp_folder(root / "mistral", sp_model, MISTRAL_INSTRUCT, in_jinja_file=True),
             "llama3_instruct": llama3_folder(root / "llama3", bpe_tokenizer_dir),
             "qwen25_instruct": qwen_folder(root / "qwen", bpe_tokenizer_dir),
@@ -142,13 +154,69 @@ def folders(tmp_path_factory, sp_model, bpe_tokenizer_dir):
             "smollm2": smollm2_folder()}
 
 
+@functools.cache
+def load(path):
+    """(ours, transformers' AutoTokenizer) for a folder."""
+    return T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def tokenizers_of(folders, name, chat=False):
+    if folders[name] is None:
+        pytest.skip("SmolLM2 not fetched (make model)")
+    ours, hf = load(folders[name])
+    if chat and not ours.chat_template:
+        pytest.skip("no chat template")
+    return ours, hf
+
+
 @pytest.fixture(params=FOLDERS)
 def pair(request, folders):
-    """(ours, transformers' AutoTokenizer) for one folder."""
-    path = folders[request.param]
-    if path is None:
-        pytest.skip("SmolLM2 not fetched (make model)")
-    return T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    return tokenizers_of(folders, request.param)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rule, spelled out with transformers
+
+MARK = "\x00CONTEXT\x00"
+
+
+def ids_of(x):
+    return x["input_ids"] if not isinstance(x, list) else x
+
+
+def hf_encode(hf, text, first=True):
+    """transformers' ids of `text` where it stands in the input: at the start, or after other text (here after a
+    special token, where a SentencePiece tokenizer adds no dummy prefix), and the characters [start, end) of
+    `text` each id covers."""
+    anchor = "" if first else hf.eos_token
+    enc = hf(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
+    skip = 0 if first else 1
+    return enc["input_ids"][skip:], [(b - len(anchor), e - len(anchor)) for b, e in enc["offset_mapping"][skip:]]
+
+
+def reference(hf, context, question, chat=False, instruction=""):
+    """encode_prompt's rule with transformers' encodings: the texts of header, context and question (spaces that
+    end one moved to the next) and the ids of each, encoded apart where it stands. Also the ids transformers puts
+    in front of any text (none with --chat)."""
+    if chat:
+        prefix, rest = hf.apply_chat_template([{"role": "user", "content": instruction + MARK + "\n\n" + question}],
+                                              tokenize=False, add_generation_prompt=True).split(MARK)
+        lead = []
+    else:
+        prefix, rest = instruction, question
+        lead = hf("x")["input_ids"][:-len(hf("x", add_special_tokens=False)["input_ids"])]
+    texts = [prefix.rstrip(" "), prefix[len(prefix.rstrip(" ")):] + context, rest]
+    texts[1:] = [texts[1].rstrip(" "), texts[1][len(texts[1].rstrip(" ")):] + rest]
+    ids = [lead + hf_encode(hf, texts[0])[0], hf_encode(hf, texts[1], first=not texts[0])[0],
+           hf_encode(hf, texts[2], first=not (texts[0] + texts[1]))[0]]
+    return texts, ids, lead
+
+
+def fresh(hf, texts, chat):
+    """transformers' encoding of the texts as one, and whether one of its tokens crosses a join between them."""
+    enc = hf("".join(texts), add_special_tokens=not chat, return_offsets_mapping=True)
+    joins = [len("".join(texts[:k])) for k in range(1, len(texts))]
+    return enc["input_ids"], any(b < j < e for b, e in enc["offset_mapping"] for j in joins)
 
 
 # contexts that meet the question and the template in different ways: after a sentence end, a line end, a
@@ -160,44 +228,81 @@ CASES = [
     ("😀 emoji first. Then text ending in an emoji 😀", "\nQuestion: why?"),
     ("A document that mentions </s> and <|im_end|> and <|eot_id|> as text.", "Which tokens?"),
 ]
+# contexts ending in a space, a period, a newline and nothing: issue 18's SmolLM2 examples first
+ENDINGS = [
+    ("The sky is blue. ", "What colour is the sky?"),
+    ("Text. ", "Question: what?"),
+    ("Is it blue.", "?"),
+    ("The grass is green.\n", "Who?"),
+    ("The grass is green", "?"),
+    ("The grass is green", "er?"),
+]
 
 
-def ids_of(x):
-    return x["input_ids"] if not isinstance(x, list) else x
-
-
-@pytest.mark.parametrize("context,question", CASES)
-def test_one_chunk_input_is_what_transformers_encodes(pair, context, question):
+@pytest.mark.parametrize("context,question", CASES + ENDINGS)
+def test_one_chunk_input_is_the_fresh_encoding_but_where_a_token_crosses_a_join(pair, context, question):
+    """Header, context and question are transformers' encodings of their texts, each where it stands; so a
+    one-chunk input is exactly `tokenizer(text)` (with --chat `apply_chat_template(tokenize=True)`) wherever
+    no token of that encoding crosses a join, and where one does (Llama 3's ".\\n\\n" at the chat join) it
+    reads the same text. The old code gave a crossing token to the context: 'Is it blue.' + '?' had an empty
+    question on SmolLM2."""
     ours, hf = pair
-    p = ours.encode_prompt(context, question)
-    assert p.header + p.context + p.question == hf(context + question)["input_ids"]
-    if ours.chat_template:
-        p = ours.encode_prompt(context, question, chat=True)
-        ref = hf.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}], tokenize=True,
-                                     add_generation_prompt=True)
-        assert p.header + p.context + p.question == ids_of(ref)
-        assert p.context and p.question  # and split: the context ids are the context's own tokens
+    for chat in (False, True) if ours.chat_template else (False,):
+        p = ours.encode_prompt(context, question, chat)
+        texts, ids, _ = reference(hf, context, question, chat)
+        assert [p.header, p.context, p.question] == ids
+        whole, crossed = fresh(hf, texts, chat)
+        if crossed:
+            assert ours.decode(p.header + p.context + p.question) == hf.decode(whole, skip_special_tokens=True)
+        else:
+            assert p.header + p.context + p.question == whole
+        assert p.context and p.question
+
+
+def test_the_rule_at_the_joins(folders):
+    """Spaces at a join go to the text after it; a token that would cross a join is encoded as the two sides'
+    tokens. The context's ids do not depend on the question (a document session encodes them once)."""
+    sp = load(folders["llama2_chat"])[0]
+    p = sp.encode_prompt("The sky.", "Who?", chat=True)  # "[INST] The": the template's space starts "▁The"
+    assert [sp.id_to_token(i) for i in p.header][-1] == "<0x5D>" and sp.id_to_token(p.context[0]) == "\u2581The"
+    p = sp.encode_prompt("\u03a9\u03bb first", "Who?")  # a lone dummy "▁" before byte-fallback Ω
+    assert p.header == [sp.bos_id] and sp.decode(p.context) == "\u03a9\u03bb first"
+    assert sp.id_to_token(p.context[0]) == "\u2581" and sp.id_to_token(p.question[0]) == "Wh"
+    p = sp.encode_prompt("The sky is blue. ", "What colour?")  # the context's last space starts "▁What"
+    assert sp.decode(p.context) == "The sky is blue." and sp.id_to_token(p.question[0]).startswith("\u2581")
+    bpe = load(folders["llama3_instruct"])[0]
+    p = bpe.encode_prompt("The sky is blue.", "Who?", chat=True)  # a fresh encoding joins "." and "\n\n"
+    assert bpe.id_to_token(p.context[-1]) == "." and bpe.decode(p.question).startswith("\n\nWho?")
+    assert ".\u010a\u010a" in [bpe.id_to_token(i) for i in bpe.encode("The sky is blue.\n\nWho?")]
+    for name in ("smollm2_like", "smollm2"):
+        if folders[name] is None:
+            continue
+        tok = load(folders[name])[0]
+        assert tok.decode(tok.encode_prompt("The sky is blue. ", "What colour is the sky?").question) == \
+            " What colour is the sky?"
+        assert tok.decode(tok.encode_prompt("Text. ", "Question: what?").question) == " Question: what?"
+        assert tok.decode(tok.encode_prompt("Is it blue.", "?").question) == "?"
+        for chat in (False, True):
+            assert len({tuple(tok.encode_prompt("Is it blue.", q, chat).context) for q in ("?", " Why?", "\nWhy?")}) == 1
 
 
 INSTRUCTION = "Read the text and answer the question at the end. Be concise.\n\n"
 
 
-def test_instruction_goes_into_the_header_and_the_whole_text_is_what_transformers_encodes(pair):
-    """answer(instruction=...): the text is instruction + context + question, encoded once; the instruction's
-    tokens end the header (which every chunk input repeats), none of them are scored as the question."""
+def test_instruction_goes_into_the_header(pair):
+    """answer(instruction=...): the text is instruction + context + question; the instruction's tokens end the
+    header (which every chunk input repeats), none of them are scored as the question."""
     ours, hf = pair
     context, question = "The sky is blue. The grass is green.", "\nWho is it?"
     plain = ours.encode_prompt(context, question)
-    p = ours.encode_prompt(context, question, instruction=INSTRUCTION)
-    assert p.header + p.context + p.question == hf(INSTRUCTION + context + question)["input_ids"]
-    assert ours.decode(p.header[len(plain.header):]).strip() == INSTRUCTION.strip()
-    assert p.question == plain.question and ours.decode(p.context).strip() == context
-    if ours.chat_template:
-        p = ours.encode_prompt(context, question, chat=True, instruction=INSTRUCTION)
-        ref = hf.apply_chat_template([{"role": "user", "content": INSTRUCTION + context + "\n\n" + question}],
-                                     tokenize=True, add_generation_prompt=True)
-        assert p.header + p.context + p.question == ids_of(ref)
+    for chat in (False, True) if ours.chat_template else (False,):
+        p = ours.encode_prompt(context, question, chat=chat, instruction=INSTRUCTION)
+        texts, ids, _ = reference(hf, context, question, chat, INSTRUCTION)
+        assert [p.header, p.context, p.question] == ids
         assert INSTRUCTION.strip() in ours.decode(p.header) and INSTRUCTION.strip() not in ours.decode(p.question)
+        if not chat:
+            assert ours.decode(p.header[len(plain.header):]).strip() == INSTRUCTION.strip()
+            assert p.question == plain.question and ours.decode(p.context).strip() == context
 
 
 def test_bos_exactly_when_transformers_adds_it(pair):
@@ -215,114 +320,92 @@ def test_bos_exactly_when_transformers_adds_it(pair):
 
 
 def test_bos_rule_per_folder(folders):
-    want = {"llama2_chat": "<s>", "mistral_instruct": "<s>", "llama3_instruct": "<|begin_of_text|>",
-            "qwen25_instruct": None, "smollm2_like": None, "smollm2": None}  # SmolLM2: bos_token named, none added
+    want = {"llama2_chat": "<s>", "llama2_json": "<s>", "mistral_instruct": "<s>",
+            "llama3_instruct": "<|begin_of_text|>", "qwen25_instruct": None, "smollm2_like": None,
+            "smollm2": None}  # SmolLM2: bos_token named, none added
     for name, path in folders.items():
         if path is not None:
             assert T.load_tokenizer(path).bos_token == want[name], name
-
-
-def test_the_rule_at_the_joins(folders):
-    """Every token holding a context character is a context token; one with no characters of its own goes
-    with the token after it."""
-    sp = T.load_tokenizer(folders["llama2_chat"])
-    p = sp.encode_prompt("The sky.", "Who?", chat=True)  # "[INST] The": the space is the template's, "▁The" ours
-    assert [sp.id_to_token(i) for i in p.header][-1] == "<0x5D>" and sp.id_to_token(p.context[0]) == "\u2581The"
-    p = sp.encode_prompt("\u03a9\u03bb first", "Who?")  # dummy "▁" and Ω's first byte: no characters
-    assert p.header == [sp.bos_id] and sp.decode(p.context) == "\u03a9\u03bb first"
-    assert sp.id_to_token(p.context[0]) == "\u2581" and sp.id_to_token(p.question[0]) == "Wh"
-    bpe = T.load_tokenizer(folders["llama3_instruct"])
-    p = bpe.encode_prompt("The sky is blue.", "Who?", chat=True)  # Llama 3 joins "." with the "\n\n" after it
-    assert bpe.id_to_token(p.context[-1]) == ".\u010a\u010a" and bpe.decode(p.question).startswith("Who?")
 
 
 @pytest.mark.parametrize("name", ["smollm2_like", "smollm2"])
 def test_smollm2_chat_header_keeps_its_first_token(folders, name):
     """The old code stripped the bos_token text from the rendered template: SmolLM2's system turn lost its
     <|im_start|>."""
-    if folders[name] is None:
-        pytest.skip("SmolLM2 not fetched (make model)")
-    tok = T.load_tokenizer(folders[name])
+    tok = tokenizers_of(folders, name)[0]
     header = tok.encode_prompt("ctx", "q?", chat=True).header
     assert tok.bos_id is None and header[0] == tok.token_id("<|im_start|>")
     assert tok.decode(header).startswith("system\nYou are a helpful AI assistant")
 
 
-def chunk_inputs(tok, context, question, chat, chunk_size):
-    """[(chunk input ids, the text it stands for, whether both its cuts are at line or sentence ends, whether
-    it is a later chunk whose text does not start with a space)] for every chunk ParallelComp cuts. The text:
-    the header text, the characters the chunk's context tokens cover, the question text."""
+# ----------------------------------------------------------------------------------------------------
+# Every chunk input
+
+LONG = ("The sky is blue. The grass is green!\nA river is happy after the storm. Café naïve 東京.\n"
+        "The pass key is 31415. Remember it. What a day?\nThe end of the story is near. Here we go again")
+QUESTION = "What is the pass key?"
+
+
+def chunk_inputs(ours, hf, context, question, chat, chunk_size, natural=False):
+    """[(chunk input ids, the texts it stands for, whether it is a later chunk whose text does not start with a
+    space)] for the chunks ParallelComp cuts (with natural: those cut at line or sentence ends at both ends).
+    The texts: the header's, the characters the chunk's tokens cover (transformers' offsets), the question's. A
+    chunk whose cut splits a character's bytes stands for no text and is left out."""
     import torch
-    p = tok.encode_prompt(context, question, chat)
-    prefix, rest = tok.chat_parts(question) if chat else ("", question)
-    text = prefix + context + rest
-    ids, spans = tok._spans(text)
-    lead = [] if chat else tok._lead
-    assert p.header + p.context + p.question == lead + ids
-    spans = spans[len(p.header) - len(lead):]  # from the first context token on
-    ctx, q_start = spans[:len(p.context)], spans[len(p.context)][0]
-    strength = P.boundary_strength(tok.token_texts)[torch.tensor(p.context)]
+    p = ours.encode_prompt(context, question, chat)
+    (prefix, ctx, rest), _, _ = reference(hf, context, question, chat)
+    ids, spans = hf_encode(hf, ctx, first=not prefix)
+    assert ids == p.context
+    strength = P.boundary_strength(ours.token_texts)[torch.tensor(p.context)]
     out = []
     for s, e in P.split_chunks(strength, chunk_size):
-        natural = (s == 0 or strength[s - 1] > 0) and (e == len(p.context) or strength[e - 1] > 0)
-        out.append((p.header + p.context[s:e] + p.question,
-                    text[:ctx[0][0]] + text[ctx[s][0]:ctx[e - 1][1]] + text[q_start:],
-                    natural, s > 0 and not text[ctx[s][0]:].startswith(" ")))
+        inside = (s > 0 and spans[s][0] < spans[s - 1][1]) or (e < len(ids) and spans[e][0] < spans[e - 1][1])
+        cut = (s == 0 or strength[s - 1] > 0) and (e == len(ids) or strength[e - 1] > 0)
+        if not inside and (cut or not natural):
+            text = ctx[spans[s][0]:spans[e - 1][1]]
+            out.append((p.header + p.context[s:e] + p.question, (prefix, text, rest), s > 0 and text[:1] != " "))
+    assert len(out) >= 3
     return out
 
 
-LONG = ("The sky is blue. The grass is green!\nA river is happy after the storm. Café naïve 東京.\n"
-        "The pass key is 31415. Remember it. What a day?\nThe end of the story is near. Here we go again.")
+@pytest.mark.parametrize("name", FOLDERS)
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+@pytest.mark.parametrize("end", [". ", ".", ".\n", ""], ids=["space", "period", "newline", "nothing"])
+def test_every_chunk_input_reads_header_chunk_and_the_whole_question(folders, name, chat, end):
+    """Every chunk input decodes to the header text + its chunk's text + the whole question: nothing added or
+    lost at the joins (the old code gave a token across the join to the context, so the question lost its first
+    characters: with --chat on Llama 3 every chunk but the last read "...again.What is", and with a context ending
+    in a space SmolLM2's question lost "What")."""
+    ours, hf = tokenizers_of(folders, name, chat)
+    for ids, texts, _ in chunk_inputs(ours, hf, LONG + end, QUESTION, chat, chunk_size=12):
+        text = "".join(texts)
+        for token in hf.added_tokens_decoder.values():
+            text = text.replace(token.content, "") if token.special else text
+        assert QUESTION in texts[2]
+        assert ours.decode(ids).lstrip(" ") == text.lstrip(" ")  # (SentencePiece drops a leading space)
 
 
 @pytest.mark.parametrize("name", FOLDERS)
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_every_chunk_input_is_the_text_it_stands_for(folders, name, chat):
-    """Every chunk input, cut anywhere, decodes to exactly the header text + the characters its context
-    tokens cover + the question text: nothing added or lost at the joins (the old code added a "▁" at each
-    SentencePiece join and lost the first token of SmolLM2's chat prefix)."""
-    if folders[name] is None:
-        pytest.skip("SmolLM2 not fetched (make model)")
-    tok, hf = T.load_tokenizer(folders[name]), transformers.AutoTokenizer.from_pretrained(folders[name])
-    if chat and not tok.chat_template:
-        pytest.skip("no chat template")
-    chunks = chunk_inputs(tok, LONG, "\n\nWhat is the pass key?", chat, chunk_size=12)
-    assert len(chunks) > 4
-    for ids, text, _, _ in chunks:
-        fresh = hf(text, add_special_tokens=not chat)["input_ids"]
-        assert tok.decode(ids) == tok.decode(fresh), text
-
-
-@pytest.mark.parametrize("name", FOLDERS)
-@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_chunk_ids_are_the_fresh_encoding_where_the_tokenizer_splits(folders, name, chat):
+def test_chunk_ids_are_the_fresh_encoding_where_no_token_crosses_a_join(folders, name, chat):
     """The ids of a chunk cut at line / sentence ends are the tokenizer's own fresh encoding of the text it
-    stands for, wherever the tokenizer itself splits at both joins: all such chunks for SentencePiece with
-    --chat; without --chat all but the later chunks whose text does not start with a space, e.g. after a line
-    end (SentencePiece would give them a dummy-prefix "▁" of their own, not there inside the whole prompt);
-    for byte-level BPE when the question starts with a space (its pre-tokenizer joins a chunk's final "." or
-    "\n" with a question's leading newlines, e.g. Llama 3's ".\n\n", which is why the chat join is not tested
-    here for BPE)."""
-    if folders[name] is None:
-        pytest.skip("SmolLM2 not fetched (make model)")
-    tok, hf = T.load_tokenizer(folders[name]), transformers.AutoTokenizer.from_pretrained(folders[name])
-    sentencepiece = tok._sp is not None
-    if chat and not (tok.chat_template and sentencepiece):
-        pytest.skip("the chat join of a byte-level BPE is not a split point (see the docstring)")
-    question = "\n\nWhat is the pass key?" if chat else " What is the pass key?"
-    chunks = chunk_inputs(tok, LONG + " " + LONG, question, chat, chunk_size=20)
-    checked = unspaced_seen = 0
-    for ids, text, natural, unspaced in chunks:
-        if not natural:
-            continue
-        fresh = hf(text, add_special_tokens=not chat)["input_ids"]
-        if sentencepiece and not chat and unspaced:
-            unspaced_seen += 1
-            assert ids != fresh and tok.decode(ids) == tok.decode(fresh)  # the one documented difference
-            continue
-        assert ids == fresh, text
-        checked += 1
-    assert checked >= 3 and (unspaced_seen >= 1 or chat or not sentencepiece)
+    stands for wherever that encoding has no token across a join, but for one documented case: without --chat,
+    a later chunk whose text does not start with a space has no dummy-prefix "▁" (SentencePiece would give a
+    text of its own one; inside the whole prompt there is none)."""
+    ours, hf = tokenizers_of(folders, name, chat)
+    dummy = hf.convert_ids_to_tokens(hf("x", add_special_tokens=False)["input_ids"])[0] == "\u2581"
+    checked = unspaced = crossing = 0
+    for ids, texts, unspaced_chunk in chunk_inputs(ours, hf, LONG + ". " + LONG, " " + QUESTION, chat, 20,
+                                                    natural=True):
+        want, crossed = fresh(hf, texts, chat)
+        if dummy and not chat and unspaced_chunk:
+            unspaced += 1
+            assert ids != want and ours.decode(ids) == hf.decode(want, skip_special_tokens=True)
+        elif not crossed:
+            assert ids == want, texts
+            checked += 1
+        crossing += crossed
+    assert checked >= 1 and checked + crossing >= 3 and (unspaced >= 1 or chat or not dummy)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,8 +432,8 @@ def test_named_chat_templates_use_default(folders, tmp_path):
     write(path, "tokenizer_config.json", cfg)
     ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
     assert ours.chat_template == LLAMA3_INSTRUCT
-    p = ours.encode_prompt("The sky.", "Who?", chat=True)
-    ref = hf.apply_chat_template([{"role": "user", "content": "The sky.\n\nWho?"}], tokenize=True,
+    p = ours.encode_prompt("The sky", "Who?", chat=True)  # no token across a join ("." would join "\n\n")
+    ref = hf.apply_chat_template([{"role": "user", "content": "The sky\n\nWho?"}], tokenize=True,
                                  add_generation_prompt=True)
     assert p.header + p.context + p.question == ids_of(ref)
 
@@ -376,8 +459,8 @@ def test_template_extras_render_as_in_transformers(folders, tmp_path):
     from datetime import datetime
     assert f"Today Date: {datetime.now().strftime('%d %b %Y')}\n" in text and '{"k": "<&>"}' in text
     assert "skipped" not in text and "never rendered" not in text
-    p = ours.encode_prompt("The sky.", "Who?", chat=True)
-    ref = hf.apply_chat_template([{"role": "user", "content": "The sky.\n\nWho?"}], tokenize=True,
+    p = ours.encode_prompt("The sky", "Who?", chat=True)  # no token across a join ("." would join "\n\n")
+    ref = hf.apply_chat_template([{"role": "user", "content": "The sky\n\nWho?"}], tokenize=True,
                                  add_generation_prompt=True)
     assert p.header + p.context + p.question == ids_of(ref)
     with pytest.raises(T.CheckpointError, match="no user turn"):

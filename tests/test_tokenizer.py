@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import sentencepiece as spm
@@ -226,3 +228,82 @@ def test_unreadable_tokenizer_folders_raise_checkpoint_error(sp_dir, tmp_path):
     (broken / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(M.CheckpointError, match="tokenizer.model"):
         T.load_tokenizer(str(broken))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SentencePiece models that normalize, text that is not Unicode, no protobuf
+
+@pytest.fixture(scope="module")
+def normalizing_sp_dir(tmp_path_factory):
+    """A tokenizer.model trained with NFKC and white-space folding (SentencePiece's defaults), as a Llama-style
+    folder: transformers' Llama tokenizer applies neither."""
+    folder = tmp_path_factory.mktemp("nfkc_tok")
+    rng = random.Random(0)
+    with open(folder / "corpus.txt", "w", encoding="utf-8") as f:
+        f.writelines(sample_text(rng, 3).replace("\n", " ") + "\n" for _ in range(1500))
+    spm.SentencePieceTrainer.Train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, normalization_rule_name="nmt_nfkc",
+        remove_extra_whitespaces=True, bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    os.remove(folder / "corpus.txt")
+    os.remove(folder / "tokenizer.vocab")
+    write_json(folder, "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                                                 "tokenizer_class": "LlamaTokenizer", "legacy": False})
+    return str(folder)
+
+
+NORMALIZED_AWAY = ["two  spaces and  more   here", "  leading and trailing  ", "ligature \ufb01ne, full-width \uff21",
+                   "composed \u00c5 and decomposed A\u030a", "tabs\tand\nnew lines  \n"]
+
+
+def test_sentencepiece_model_that_normalizes_encodes_as_transformers(normalizing_sp_dir):
+    """SentencePiece itself would fold the spaces and NFKC-map the characters (the old code did, unlike
+    transformers); ours encodes as transformers does, prompt and plain text alike."""
+    ours, hf = T.load_tokenizer(normalizing_sp_dir), transformers.AutoTokenizer.from_pretrained(normalizing_sp_dir)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(normalizing_sp_dir, "tokenizer.model"))
+    for text in NORMALIZED_AWAY:
+        assert sp.encode(text) != hf.encode(text, add_special_tokens=False), text  # they do differ
+        p = ours.encode_prompt(text, "\nWhy?")
+        assert p.header + p.context + p.question == hf(text + "\nWhy?")["input_ids"], text
+        if not text.startswith(" "):  # (see test_sentencepiece_leading_spaces_follow_sentencepiece)
+            assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_lone_surrogates_are_one_clear_error(kind, sp_dir, bpe_tokenizer_dir):
+    """Bytes that are not UTF-8, decoded with errors="surrogateescape", leave lone surrogates, which crashed
+    encode_prompt with a UnicodeEncodeError (SentencePiece) or a TypeError (tokenizers)."""
+    tok = T.load_tokenizer(sp_dir if kind == "sentencepiece" else bpe_tokenizer_dir)
+    bad = b"caf\xe9 au lait".decode("utf-8", errors="surrogateescape")
+    for args, what in [((bad, "Why?"), "context"), (("The text.", bad), "question"),
+                       (("The text.", "Why?", False, bad), "instruction")]:
+        with pytest.raises(T.TextError, match=f"the {what} is not valid Unicode: a lone surrogate U\\+DCE9 at "
+                                              "character 3; decode its bytes with errors='replace'"):
+            tok.encode_prompt(*args)
+    with pytest.raises(T.TextError, match="the text is not valid Unicode"):
+        tok.encode(bad)
+    assert issubclass(T.TextError, ValueError)
+
+
+def test_answer_refuses_lone_surrogates_before_any_work():
+    import parallelcomp as P
+    from model import load_model
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "model")
+    with pytest.raises(T.TextError, match="the context is not valid Unicode"):
+        P.answer(load_model(demo), T.load_tokenizer(demo), "The door \udcff number is 3.", "What number?")
+
+
+def test_sentencepiece_needs_no_protobuf(sp_dir, tmp_path):
+    """requirements.txt has no protobuf: loading and encoding a tokenizer.model, plain and --chat, must not need
+    it (the old code asked SentencePiece for protobuf results: an ImportError in a venv made from requirements.txt
+    alone). .ci/run also runs the CLI in such a venv."""
+    folder = copy_folder(sp_dir, tmp_path / "t", tokenizer_config={
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "tokenizer_class": "LlamaTokenizer",
+        "chat_template": "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]"})
+    code = ("import sys; sys.modules['google'] = sys.modules['google.protobuf'] = None; import tokenizer; "
+            "t = tokenizer.load_tokenizer(sys.argv[1]); ps = [t.encode_prompt('The sky. ', 'Who?', c) for c in "
+            "(False, True)]; print([t.decode(p.header + p.context + p.question) for p in ps])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, folder], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == str(["The sky. Who?", "[INST] The sky. \n\nWho? [/INST]"]) + "\n"
