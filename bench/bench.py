@@ -24,7 +24,6 @@ import os
 import resource
 import multiprocessing
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -32,7 +31,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,10 +282,10 @@ def prefill_and_decode(model: Transformer, setup: Setup, method: Method, inputs,
             "cache_bytes": cache_bytes, "logits": logits, "bounds": bounds, "scores": scores, "kept": kept}
 
 
-def measure(model: Transformer, setup: Setup, method: Method, n_tokens: int, out_path: str | None = None) -> dict:
-    """Prefill, then decode setup.decode_tokens tokens; times, peak memory and the FLOP count; the final
-    logits and chunk scores saved to out_path. With setup.warmup == 'same' the identical run goes first,
-    untimed (GPU: kernel choice, library heuristics and allocator growth at these shapes happen there)."""
+def measure(model: Transformer, setup: Setup, method: Method, n_tokens: int) -> tuple[dict, dict]:
+    """Prefill, then decode setup.decode_tokens tokens: the row (times, peak memory, the FLOP count) and what
+    compare_outputs needs (final logits, chunk scores). With setup.warmup == 'same' the identical run goes
+    first, untimed (GPU: kernel choice, library heuristics and allocator growth at these shapes happen there)."""
     args, device = model.args, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = make_inputs(args, n_tokens, device, setup.seed)
@@ -304,11 +302,6 @@ def measure(model: Transformer, setup: Setup, method: Method, n_tokens: int, out
     # in a busy moment; the higher is the fairer ceiling
     bounds = run["bounds"]
     flops = prefill_flops(args, n_tokens, bounds, run["cache_tokens"] - len(inputs[2]))
-    if out_path:
-        saved = {"logits": run["logits"].float().cpu().contiguous()}
-        if run["scores"] is not None:
-            saved["scores"] = run["scores"].float().cpu().contiguous()
-        save_file(saved, out_path)
     row = {"tokens": n_tokens, "method": method.label, "measured": True, "prefill_s": run["prefill_s"],
            "decode_ms_per_token": 1000 * run["decode_s"] / setup.decode_tokens, "peak_mib": peak / 2**20,
            "baseline_mib": baseline / 2**20, "cache_mib": run["cache_bytes"] / 2**20,
@@ -320,7 +313,7 @@ def measure(model: Transformer, setup: Setup, method: Method, n_tokens: int, out
            "warmup": setup.warmup}
     if reserved is not None:
         row["reserved_mib"] = reserved / 2**20
-    return row
+    return row, {k: run[k].float().cpu() for k in ("logits", "scores") if run[k] is not None}
 
 
 def warm_up(model: Transformer) -> None:
@@ -334,20 +327,20 @@ def warm_up(model: Transformer) -> None:
     sync(device)
 
 
-def measure_fresh(setup: Setup, method: Method, n_tokens: int, logits_path: str) -> dict:
+def measure_fresh(setup: Setup, method: Method, n_tokens: int) -> tuple[dict, dict]:
     """measure() in a fresh (spawned) process, so the peak RSS is this measurement's alone. What raises there
     raises here, with the child's traceback as its cause."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_here, setup, method, n_tokens, logits_path).result()
+        return pool.submit(measure_here, setup, method, n_tokens).result()
 
 
-def measure_here(setup: Setup, method: Method, n_tokens: int, logits_path: str) -> dict:
+def measure_here(setup: Setup, method: Method, n_tokens: int) -> tuple[dict, dict]:
     """Build the model, warm up and measure, in this process."""
     torch.set_num_threads(setup.threads)
     with sdpa_only(setup.sdpa):
         model = build_model(setup)
         warm_up(model)
-        return measure(model, setup, method, n_tokens, logits_path)
+        return measure(model, setup, method, n_tokens)
 
 
 def failed_row(n: int, method: Method, error: BaseException) -> dict:
@@ -381,40 +374,35 @@ def sweep(setup: Setup, methods: list[Method], lengths: list[int], full_max: int
     rows, model = [], None if isolate else build_model(setup)
     if model is not None:
         warm_up(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in lengths:
-            here, outputs = {}, {}  # Method -> its row; Method -> its final logits and chunk scores
-            for method in methods:
-                path, t0 = os.path.join(tmp, f"{n}-{len(rows)}.safetensors"), time.perf_counter()
-                if method == FULL and full_max is not None and n > full_max:
-                    row = {"tokens": n, "method": method.label, "measured": False,
-                           "note": f"skipped: above --full-max {full_max}"}
-                else:
-                    try:
-                        row = measure_fresh(setup, method, n, path) if isolate else measure(model, setup, method, n,
-                                                                                             path)
-                    except Exception as e:  # noqa: BLE001 - one failing row (OOM, a backend error) must not end the sweep
-                        row = failed_row(n, method, e)
-                if row["measured"]:
-                    outputs[method] = load_file(path)
-                elif model is not None:
-                    release(next(model.parameters()).device)  # outside the except block: the traceback
-                    # no longer pins the failed row's tensors
-                error = row.pop("error", None)
-                log(row_line(row, time.perf_counter() - t0) + (f"\n{error}" if error else ""))
-                rows.append(row)
-                here[method] = row
-                save(rows)
-            compare_outputs(here, outputs, setup.dtype)
+    for n in lengths:
+        here, outputs = {}, {}  # Method -> its row; Method -> its final logits and chunk scores
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == FULL and full_max is not None and n > full_max:
+                row = {"tokens": n, "method": method.label, "measured": False,
+                       "note": f"skipped: above --full-max {full_max}"}
+            else:
+                try:
+                    row, outputs[method] = measure_fresh(setup, method, n) if isolate else measure(model, setup,
+                                                                                                    method, n)
+                except Exception as e:  # noqa: BLE001 - one failing row (OOM, a backend error) must not end the sweep
+                    row = failed_row(n, method, e)
+            if not row["measured"] and model is not None:
+                release(next(model.parameters()).device)  # outside the except block: the traceback no longer
+                # pins the failed row's tensors
+            error = row.pop("error", None)
+            log(row_line(row, time.perf_counter() - t0) + (f"\n{error}" if error else ""))
+            rows.append(row)
+            here[method] = row
+            save(rows)
+        compare_outputs(here, outputs, setup.dtype)
     return rows
 
 
 # "Equal output" of b=B against b=1: the same kept chunks and final logits within this fraction of their
 # largest magnitude. float32: rounding only (seen: at most 1e-6 absolute on CPU). Half precision: GEMMs over B
-# chunks block their sums differently from one chunk's, and every layer rounds to 8 (bf16) or 11 (fp16)
-# mantissa bits; 3% (bf16) is what model.attention's two branches differ by on a tiny random model (1.4% seen).
-# Random weights make chunk scores near-tied, so the kept chunks may differ legitimately: the score gap at the
-# keep boundary (b=1's k-th and (k+1)-th lowest I_c) is recorded next to the largest score difference.
+# chunks block their sums differently, and every layer rounds to 8 (bf16) or 11 (fp16) mantissa bits; 3% (bf16)
+# is what model.attention's two branches differ by on a tiny random model (1.4% seen).
 LOGIT_TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 1e-2}
 
 

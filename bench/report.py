@@ -101,8 +101,8 @@ def many_vs_one(run: Run) -> list[str]:
     """pc b=B against pc b=1, without and with KV eviction: time ratio and bench.py's 'equal output'."""
     if run.many == 1:
         return []
-    lines = ["", f"**Many vs one chunk per forward** ({Method(run.many).label} against pc b=1): equal output = the same kept "
-             f"chunks and max |logit difference| within {run.logit_tolerance:g} x max(1, max |logit|) "
+    lines = ["", f"**Many vs one chunk per forward** ({Method(run.many).label} against pc b=1): equal output = the "
+             f"same kept chunks and max |logit difference| within {run.logit_tolerance:g} x max(1, max |logit|) "
              f"({run.setup['dtype']}); 'near tie' = the kept chunks differ and the chunk scores moved by at least "
              "half their gap at the keep boundary (random weights give near-tied scores)", "",
              "| tokens | b=1 / b=B time | equal output: logit diff (tolerance); score diff (gap at keep) "

@@ -55,11 +55,11 @@ def test_a_failing_row_is_recorded_and_the_sweep_goes_on(bench, tmp_path, monkey
     Also runs the GPU default warm-up (the same input once untimed before the timed run)."""
     measure, runs = bench.measure, []
 
-    def flaky(model, setup, method, n, path=None):
+    def flaky(model, setup, method, n):
         runs.append(method)
         if method == bench.Method(chunk_batch=1, kv_eviction=True):
             raise RuntimeError("cuDNN Frontend error: No execution plans support the graph.\nmore lines")
-        return measure(model, setup, method, n, path)
+        return measure(model, setup, method, n)
     monkeypatch.setattr(bench, "measure", flaky)
     warmups = []
     run = bench.prefill_and_decode
