@@ -83,7 +83,7 @@ def test_sentencepiece_leading_spaces_follow_sentencepiece(sp_dir):
     (prepend_scheme "first"), which skips the prefix when the text already starts with "▁" after spaces are
     replaced: " hello" and "hello" both become "▁hello", and its decoder then strips one leading space, so
     " hello" does not even round-trip there. `encode` is plain SentencePiece, so a leading space never vanishes;
-    the prompt itself is encoded once as a whole by encode_prompt, as transformers does (tests/test_prompt_ids.py).
+    encode_prompt encodes the prompt's parts as transformers does (tests/test_prompt_ids.py).
     """
     ours = T.load_tokenizer(sp_dir)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
