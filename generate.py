@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import distributed
 from model import CheckpointError, load_args, load_model
 from parallelcomp import ConfigError, ParallelCompConfig, answer, parse_calibration
-from tokenizer import load_tokenizer
+from tokenizer import TextError, load_tokenizer
 
 class UsageError(ValueError):
     """Bad input from the command line or a file; the message says what to do."""
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             from demo.run import run_demo
             return run_demo()
         return run(build_parser().parse_args(argv))
-    except (UsageError, CheckpointError, ConfigError) as e:  # session.CacheError is a ConfigError
+    except (UsageError, CheckpointError, ConfigError, TextError) as e:  # session.CacheError is a ConfigError
         say("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return 2
     except distributed.RankFailed as e:

@@ -438,10 +438,8 @@ def load_model(ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.d
     if missing:
         raise CheckpointError(f"{len(missing)} tensors missing from {ckpt_dir}, e.g. {missing[0]!r}; "
                               "the download is incomplete")
-    if args.tie_embeddings:
+    if args.tie_embeddings:  # one tensor behind both parameters
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval()

@@ -11,12 +11,10 @@ The input never goes through attention as a whole. This file reads top to bottom
   6. Calibration       inside the question's prefill: evict sink/recent/middle outlier tokens       (Sec. 4, Eq. 8)
   7. decode            greedy (default) or temperature/top-p sampling
 
-A chunk input is  header + chunk + question.  Causal attention means the header + chunk part never sees the
-question, so stage 2 runs without it and stage 3 feeds the question over the chunk's cached K/V at the positions
-that follow it: the same numbers as one forward over the whole chunk input. A one-shot run (`answer`) streams
-the chunks a batch at a time and keeps only the k best; a document session (session.py) keeps every chunk's K/V
-and runs stages 3-7 once per question. `run_parallelcomp` chains stages 1-6 on token ids, `run_full` is the
-baseline, and `answer` is the entry point on text (prepare, prefill, finish).
+A chunk input is  header + chunk + question.  The header + chunk part never sees the question (causal
+attention), so stage 2 runs without it and stage 3 feeds the question over the chunk's K/V: the same numbers as
+one forward over the chunk input. A one-shot run (`answer`) streams the chunks and keeps the k best; a document
+session (session.py) keeps every chunk's K/V and runs stages 3-7 per question.
 
 Shapes: H query heads, Hkv key/value heads, g = H / Hkv, hd head dim, T tokens in a chunk input, S cached tokens.
 The header is what the tokenizer puts before any text (a BOS, or nothing) plus an optional chat prefix and
@@ -232,9 +230,8 @@ class ChunkPrefill:
 @torch.inference_mode()
 def encode_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, bounds: list[tuple[int, int]],
                   first_index: int, window: int) -> list[ChunkKV]:
-    """Stage 2 for one batch of chunks: the inputs header + context[start:end], right-padded, each at positions
-    0..n_c-1 (position reuse: every chunk stays inside the trained window), in one forward. Right padding is
-    exact: a real token never attends to a later (padding) key. Logits only at each chunk's last token."""
+    """Stage 2 for a batch of chunks in one forward: header + context[start:end], right-padded (exact under the
+    causal mask), each at positions 0..n_c-1 (position reuse). Logits only at each chunk's last token."""
     lengths = [len(header) + end - start for start, end in bounds]
     tokens = torch.zeros(len(bounds), max(lengths), dtype=torch.long, device=context.device)  # (B, T)
     for b, (start, end) in enumerate(bounds):
@@ -249,8 +246,8 @@ def encode_chunks(model: Transformer, header: torch.Tensor, context: torch.Tenso
 
 def stream_chunks(model: Transformer, header: torch.Tensor, context: torch.Tensor, bounds: list[tuple[int, int]],
                   cfg: ParallelCompConfig, progress=None, first_index: int = 0):
-    """Every chunk's ChunkKV, `chunk_batch` chunks per forward (the "parallel" in ParallelComp), lazily: a one-shot
-    run holds one batch at a time. progress(done, total) is called after each batch has been consumed."""
+    """Every chunk's ChunkKV, `chunk_batch` chunks per forward, lazily (a one-shot run holds one batch at a time);
+    progress(done, total) after each batch."""
     for first in range(0, len(bounds), cfg.chunk_batch):
         batch = bounds[first:first + cfg.chunk_batch]
         yield from encode_chunks(model, header, context, batch, first_index + first, cfg.window)
@@ -425,13 +422,9 @@ def prefill_chunks(model: Transformer, header: torch.Tensor, context: torch.Tens
 
 class AssembledCache(KVCache):
     """The kept chunks' KV, concatenated per layer in document order, each key at the rotary position it was
-    encoded with (positions overlap across chunks, by design). An ordinary KVCache from here on: the question
-    and the generated tokens append to it.
-
-    Per layer and cached token it knows the token's position in its chunk, its chunk's length (header +
-    context, for the sink/recent/middle regions of stage 6) and its offset into the context ids (header
-    tokens: -n_header..-1).
-    """
+    encoded with (positions overlap across chunks, by design); the question and generated tokens append to it.
+    Per layer and cached token: its position in its chunk, its chunk's length (header + context: stage 6's
+    regions) and its offset into the context ids (header tokens: -n_header..-1)."""
 
     def __init__(self, kept: list[EncodedChunk], n_header: int):
         n_layers = len(kept[0].keys)
@@ -744,14 +737,10 @@ def finish(model: Transformer, tokenizer, prompt: Prompt, cache: KVCache, logits
     """Decode from a prefilled cache, then the Result: text, stats and (when asked) the trace.
     info: run_parallelcomp's, or None for the full-attention baseline."""
     n_q = len(prompt.question)
-    stats = {"method": "parallelcomp" if info else "full",
-             "input_tokens": len(prompt.header) + len(prompt.context) + n_q}
+    stats = {"method": "parallelcomp" if info else "full", "input_tokens": len(prompt.header) + len(prompt.context)
+             + n_q, "cache_tokens": round(sum(cache.size) / len(cache.size)) - n_q, "prefill_s": prefill_s, "cache_bytes": cache_bytes(cache)}
     if info:
-        stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=prompt.cfg.chunk_size,
-                     cache_tokens=round(sum(o.shape[1] for o in cache.offset) / len(cache.offset)))
-    else:
-        stats.update(cache_tokens=cache.length - n_q)
-    stats.update(prefill_s=prefill_s, cache_bytes=cache_bytes(cache))
+        stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=prompt.cfg.chunk_size)
     t1 = time.perf_counter()
     on_token = (lambda out: on_text(tokenizer.decode(out))) if on_text is not None else None
     out = decode(model, cache, logits, next_pos, max_new_tokens, set(tokenizer.stop_ids), temperature, top_p,

@@ -5,8 +5,8 @@ Causal attention means a chunk's own keys and values (header + chunk tokens) nev
 `Document` runs stage 2 (parallelcomp.stream_chunks) once and keeps every chunk's K/V; `Document.answer` then runs
 stages 3-7 for one question exactly as parallelcomp.answer does (same I_c, kept chunks, kept KV positions,
 calibration and tokens: the same functions on the same tensors). What a question changes is checked, not assumed:
-its prompt must tokenize to the document's header and context ids (a chat template that puts the question before
-the context, or a token spanning the join, is refused for that question with one line).
+its prompt must tokenize to the document's header and context ids (tokenizer.encode_prompt encodes the three
+parts apart, so only a chat template that puts question text before the context is refused, with one line).
 
 The price is memory: every chunk's K/V, O(N), where a one-shot run keeps k chunks. With KV eviction the full
 chunk K/V is kept and each question's eviction selects from it.
@@ -94,9 +94,8 @@ class Document:
         prompt's header or context ids are not the document's."""
         ids = self.tokenizer.encode_prompt(self.context, question, self.chat, self.instruction)
         if ids.header != self.prompt.header.tolist() or ids.context != self.prompt.context.tolist():
-            raise pc.ConfigError("this question changes how the document tokenizes (the chat template or a token "
-                                 "spanning the join puts it before the context's end); ask it without a session",
-                                 about="question")
+            raise pc.ConfigError("this question changes the document's tokens (the chat template puts question "
+                                 "text before the context); ask it without a session", about="question")
         q = torch.tensor(ids.question, dtype=torch.long, device=self.prompt.context.device)
         pc.check_prompt(self.model.args, self.prompt.header, self.prompt.context, q)
         return q
