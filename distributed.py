@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 
 from parallelcomp import (ChunkQueue, EncodedChunk, answer as answer_one, elapsed, finish, keep_order,
-                          prefill_chunks, prepare, read_question, split_chunks)
+                          kept_length, prefill_chunks, prepare, read_question, split_chunks)
 
 # The wait for rank 0's decode (step 5) goes through a second gloo group whose timeout no decode reaches.
 PATIENT = datetime.timedelta(days=30)
@@ -269,10 +269,8 @@ def pack(chunk: EncodedChunk) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def receive_buffers(model, bound: tuple[int, int], n_header: int, kv_capacity: int | None, device):
-    """Empty tensors for one kept chunk's pack(). Rank 0 knows S without asking: the header plus snapkv_keep's
-    min(kv_capacity, context tokens)."""
-    args, n_ctx = model.args, bound[1] - bound[0]
-    s = n_header + min(n_ctx, kv_capacity or n_ctx)
+    """Empty tensors for one kept chunk's pack(). Rank 0 knows S without asking: parallelcomp.kept_length."""
+    args, s = model.args, kept_length(n_header, bound[1] - bound[0], kv_capacity)
     kv = torch.empty(2, args.n_layers, args.n_kv_heads, s, args.head_dim, dtype=next(model.parameters()).dtype,
                      device=device)
     return kv, torch.empty(args.n_layers, args.n_kv_heads, s, dtype=torch.long, device=device)

@@ -33,12 +33,28 @@ import torch  # noqa: E402
 DECODE_TOKENS, KEEP = 8, 3
 
 
+def run(model, header, context, question, cfg, strength, progress, group):
+    """run_parallelcomp with its chunk prefill spread over `group`'s ranks (as distributed.answer composes it):
+    (cache, logits, next_pos, info) on rank 0 or in a single process, None on the other ranks."""
+    import distributed
+    from parallelcomp import read_question, run_parallelcomp, split_chunks
+    if group is None:
+        return run_parallelcomp(model, header, context, question, cfg, strength, progress)
+    bounds = split_chunks(strength, cfg.chunk_size)
+    out = distributed.prefill_chunks_distributed(model, header, context, question, bounds, cfg, progress, group)
+    if out is None:
+        return None
+    kept, scores, ranks = out
+    cache, logits, next_pos = read_question(model, kept, len(header), question, cfg)
+    return cache, logits, next_pos, {"bounds": bounds, "scores": scores, "kept": [c.index for c in kept], **ranks}
+
+
 def worker(spec: dict) -> None:
     """One process (or one rank under torchrun): warm up, time run_parallelcomp, decode on rank 0, write JSON."""
     import distributed
     from bench import QUESTION_TOKENS, SHAPES, make_inputs, random_model
     from model import ModelArgs
-    from parallelcomp import ParallelCompConfig, decode, default_chunk_size, run_parallelcomp
+    from parallelcomp import ParallelCompConfig, decode, default_chunk_size
     torch.set_num_threads(1)
     group = distributed.setup("cpu")[0] if distributed.launched() else None
     args = ModelArgs(**SHAPES[spec["shape"]])
@@ -46,12 +62,12 @@ def worker(spec: dict) -> None:
     chunk = default_chunk_size(args, 1, QUESTION_TOKENS, DECODE_TOKENS)
     cfg = ParallelCompConfig(chunk_size=chunk, keep_chunks=KEEP, kv_capacity=chunk // 2, chunk_batch=1)
     warm = make_inputs(args, 2 * chunk, torch.device("cpu"), seed=1)
-    run_parallelcomp(model, *warm[:3], cfg, warm[3], group=group)  # first-call costs, on every rank
+    run(model, *warm[:3], cfg, warm[3], None, group)  # first-call costs, on every rank
     header, context, question, strength = make_inputs(args, spec["tokens"], torch.device("cpu"), seed=0)
     marks = []  # rank 0: when the chunk batches of all ranks were done
     t0 = time.perf_counter()
     progress = lambda *_: marks.append(time.perf_counter())  # noqa: E731
-    out = run_parallelcomp(model, header, context, question, cfg, strength, progress, group=group)
+    out = run(model, header, context, question, cfg, strength, progress, group)
     prefill_s = time.perf_counter() - t0
     sync_s = 0.0
     if group is not None:  # t_s: one per-batch report (all_gather_json of a few bytes), alone
