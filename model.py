@@ -438,8 +438,10 @@ def load_model(ckpt_dir: str, device: str | torch.device = "cpu", dtype: torch.d
     if missing:
         raise CheckpointError(f"{len(missing)} tensors missing from {ckpt_dir}, e.g. {missing[0]!r}; "
                               "the download is incomplete")
-    if args.tie_embeddings:  # one tensor behind both parameters
+    if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_embeddings:  # assign=True made two Parameters; tie them back into one
+        model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval()

@@ -74,40 +74,53 @@ def nll_full(model, header: torch.Tensor, context: torch.Tensor, query: torch.Te
 
 @torch.inference_mode()
 def nll_chunks(model, header: torch.Tensor, context: torch.Tensor, query: torch.Tensor, scored: torch.Tensor,
-               bounds: list[tuple[int, int]], rank_by: torch.Tensor, cfg) -> tuple[float, list[int]]:
-    """Mean NLL of `scored` after ParallelComp's stages 2-4 over the chunks `bounds`, the keep_chunks best by the NLL
-    of `rank_by` kept (with bounds of exactly k chunks every chunk is kept), then query + scored read over the
-    assembled cache at positions M, M+1, ... Returns (NLL, the kept chunks' indices in bounds)."""
+               bounds: list[tuple[int, int]], rank_by: dict[str, torch.Tensor], cfg) -> dict[str, tuple[float, list[int]]]:
+    """Mean NLL of `scored` after ParallelComp's stages 2-4 over the chunks `bounds`, for each selection in
+    `rank_by` (name -> the ids whose NLL ranks the chunks): the keep_chunks best kept (with bounds of exactly k
+    chunks every chunk is kept), then query + scored read over the assembled cache at positions M, M+1, ...
+    The chunks are encoded once for all selections (stage 2 does not depend on what ranks them).
+    Returns name -> (NLL, the kept chunks' indices in bounds)."""
     import parallelcomp as pc
-    kept, _ = pc.prefill_chunks(model, header, context, rank_by, bounds, cfg)
-    cache, m = pc.assemble_cache(kept, len(header))
+    queues = {name: pc.ChunkQueue(cfg.keep_chunks) for name in rank_by}
+    for chunk in pc.stream_chunks(model, header, context, bounds, cfg):
+        for name, ids in rank_by.items():
+            queues[name].push(pc.score_chunk(model, chunk, ids, len(header), cfg))
     fed = torch.cat([query, scored])
     rows = torch.arange(len(query) - 1, len(fed) - 1)[None]
-    logits = model(fed[None], torch.arange(m, m + len(fed))[None], cache, logits_at=rows)[0]
-    return torch.nn.functional.cross_entropy(logits, scored).item(), [c.index for c in kept]
+    out = {}
+    for name, queue in queues.items():
+        cache, m = pc.assemble_cache(queue.kept(), len(header))
+        logits = model(fed[None], torch.arange(m, m + len(fed))[None], cache, logits_at=rows)[0]
+        out[name] = torch.nn.functional.cross_entropy(logits, scored).item(), [c.index for c in queue.kept()]
+    return out
 
 
-def run_one(method: str, model, tok, ids: torch.Tensor, at: int, n: int, j: int, args) -> dict:
+def run_methods(methods: list[str], model, tok, ids: torch.Tensor, at: int, n: int, j: int, args) -> dict[str, dict]:
+    """One continuation under each of `methods`: method -> its record's measured part."""
     import dataclasses
 
     import parallelcomp as pc
     header = header_ids(tok)
     context = ids[at - args.query - n:at - args.query]
     query, scored = ids[at - args.query:at], ids[at:at + args.cont]
-    if method == "full":
-        return {"nll": nll_full(model, header, context, query, scored)}
+    out = {}
+    if "full" in methods:
+        out["full"] = {"nll": nll_full(model, header, context, query, scored)}
     cfg = pc.ParallelCompConfig(chunk_size=args.chunk_size, keep_chunks=args.keep_chunks, chunk_batch=1)
     bounds = pc.split_chunks(pc.boundary_strength(tok.token_texts)[context], args.chunk_size)
     k = min(args.keep_chunks, len(bounds))
-    if method in ("pc-query", "oracle"):
-        rank_by = query if method == "pc-query" else torch.cat([query, scored])
-        nll, kept = nll_chunks(model, header, context, query, scored, bounds, rank_by, cfg)
-        return {"nll": nll, "chunks": len(bounds), "kept": kept}
-    chosen = (list(range(len(bounds) - k, len(bounds))) if method == "last-k"
-              else sorted(random.Random(f"{n}/{j}").sample(range(len(bounds)), k)))
-    nll, _ = nll_chunks(model, header, context, query, scored, [bounds[c] for c in chosen], query,
-                        dataclasses.replace(cfg, keep_chunks=k))
-    return {"nll": nll, "chunks": len(bounds), "kept": chosen}
+    ranked = {m: query if m == "pc-query" else torch.cat([query, scored]) for m in ("pc-query", "oracle") if m in methods}
+    if ranked:  # one encoding of every chunk, two rankings
+        for m, (nll, kept) in nll_chunks(model, header, context, query, scored, bounds, ranked, cfg).items():
+            out[m] = {"nll": nll, "chunks": len(bounds), "kept": kept}
+    for m in ("last-k", "random-k"):
+        if m in methods:
+            chosen = (list(range(len(bounds) - k, len(bounds))) if m == "last-k"
+                      else sorted(random.Random(f"{n}/{j}").sample(range(len(bounds)), k)))
+            (nll, _), = nll_chunks(model, header, context, query, scored, [bounds[c] for c in chosen], {m: query},
+                                   dataclasses.replace(cfg, keep_chunks=k)).values()
+            out[m] = {"nll": nll, "chunks": len(bounds), "kept": chosen}
+    return out
 
 
 def read_records(path: str) -> list[dict]:
@@ -189,12 +202,10 @@ def main(argv=None) -> int:
         done = {(r["method"], r["n"], r["j"]) for r in read_records(args.out)}
         for j, at in enumerate(starts):  # continuation-major: a stopped run has every length at about the same n
             for n in lengths:
-                for method in methods:
-                    if (method, n, j) in done or (method == "full" and n > full_limit):
-                        continue
+                todo = [m for m in methods if (m, n, j) not in done and not (m == "full" and n > full_limit)]
+                for method, measured in run_methods(todo, model, tok, ids, at, n, j, args).items():
                     rec = {"method": method, "n": n, "j": j, "at": at, "query": args.query, "cont": args.cont,
-                           "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks,
-                           **run_one(method, model, tok, ids, at, n, j, args)}
+                           "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks, **measured}
                     rec["ppl"] = math.exp(rec["nll"])
                     if args.out:
                         with open(args.out, "a", encoding="utf-8") as f:

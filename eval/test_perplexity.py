@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import perplexity as ppl
-from eval.perplexity import header_ids, nll_chunks, nll_full, run_one
+from eval.perplexity import header_ids, nll_chunks, nll_full, run_methods
 from model import load_model
 from parallelcomp import ParallelCompConfig
 from tokenizer import load_tokenizer
@@ -33,8 +33,8 @@ def test_one_chunk_equals_full_attention_with_the_same_header(tiny):
     ids = torch.randint(3, 500, (300,), generator=g)
     ctx, query, scored = ids[:240], ids[240:260], ids[260:]
     full = nll_full(model, header, ctx, query, scored)
-    pc, kept = nll_chunks(model, header, ctx, query, scored, [(0, 240)], query, ParallelCompConfig(chunk_size=400,
-                                                                                                  keep_chunks=1))
+    (pc, kept), = nll_chunks(model, header, ctx, query, scored, [(0, 240)], {"pc": query},
+                             ParallelCompConfig(chunk_size=400, keep_chunks=1)).values()
     assert kept == [0] and pc == pytest.approx(full, abs=1e-5)
     # without the BOS the full-attention number is another one: the header matters and is shared
     assert nll_full(model, header[:0], ctx, query, scored) != pytest.approx(full, abs=1e-4)
@@ -54,18 +54,20 @@ def test_query_selection_never_sees_the_scored_tokens_and_the_oracle_does(tiny):
     kept_q, kept_o = set(), set()
     for seed in range(6):  # other scored tokens: pc-query keeps the same chunks, the oracle's choice moves
         other[at:at + 20] = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(10 + seed))
-        kept_q.add(tuple(run_one("pc-query", model, tok, other, at, 240, 0, args())["kept"]))
-        kept_o.add(tuple(run_one("oracle", model, tok, other, at, 240, 0, args())["kept"]))
+        both = run_methods(["pc-query", "oracle"], model, tok, other, at, 240, 0, args())
+        kept_q.add(tuple(both["pc-query"]["kept"]))
+        kept_o.add(tuple(both["oracle"]["kept"]))
+        # the shared chunk encoding changes nothing: each selection alone gives the same record
+        assert both == {m: run_methods([m], model, tok, other, at, 240, 0, args())[m] for m in both}
     assert len(kept_q) == 1 and len(kept_o) > 1
 
 
 def test_baselines_keep_k_chunks_at_the_same_budget(tiny):
     model, tok, _ = tiny
     ids = torch.randint(3, 500, (400,), generator=torch.Generator().manual_seed(2))
-    last = run_one("last-k", model, tok, ids, 300, 240, 0, args())
-    rnd = run_one("random-k", model, tok, ids, 300, 240, 0, args())
+    last, rnd = run_methods(["last-k", "random-k"], model, tok, ids, 300, 240, 0, args()).values()
     assert last["chunks"] >= 4 and last["kept"] == [last["chunks"] - 2, last["chunks"] - 1]
-    assert len(rnd["kept"]) == 2 and rnd == run_one("random-k", model, tok, ids, 300, 240, 0, args())
+    assert len(rnd["kept"]) == 2 and rnd == run_methods(["random-k"], model, tok, ids, 300, 240, 0, args())["random-k"]
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv is not installed (make eval-deps)")
