@@ -25,7 +25,8 @@ budget of k chunks (--keep-chunks, 3) of at most --chunk-size tokens:
     oracle     chunks ranked by the NLL of query + scored tokens: the selection saw the tokens it is scored on,
                an upper bound for selection, not a result (what this file measured before)
 
-One JSON line per (method, N, j), appended as it is done; a rerun skips those already there (resumable).
+One JSON line per (method, N, at_j), appended as it is done; a rerun skips those already there (resumable). The
+starts of --n 2m-1 include those of --n m, so a run can be extended: --n 19 adds 9 continuations to --n 10.
 `--report` prints perplexity per (method, N) = exp(mean NLL over the n continuations), with a 95% interval from
 the spread of the per-continuation NLLs (normal approximation), and the paired NLL difference of pc-query against
 last-k and random-k.
@@ -134,7 +135,7 @@ def report(rows: list[dict]) -> str:
     """Markdown: perplexity (95% interval; continuations) per method and N; paired differences of pc-query."""
     by = {}
     for r in rows:
-        by.setdefault((r["method"], r["n"]), {})[r["j"]] = r["nll"]
+        by.setdefault((r["method"], r["n"]), {})[r["at"]] = r["nll"]  # paired by the start token
     lengths = sorted({n for _, n in by})
 
     def ppl(nlls: list[float]) -> str:
@@ -157,7 +158,7 @@ def report(rows: list[dict]) -> str:
         cells = []
         for n in lengths:
             a, b = by.get(("pc-query", n), {}), by.get((base, n), {})
-            d = [a[j] - b[j] for j in sorted(set(a) & set(b))]
+            d = [a[at] - b[at] for at in sorted(set(a) & set(b))]
             if len(d) < 2:
                 cells.append("")
                 continue
@@ -199,10 +200,10 @@ def main(argv=None) -> int:
         model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
         ids = torch.tensor(tok.encode(kjv_text()), dtype=torch.long)
         starts = positions_of(args.at, max(lengths), args.query, args.cont, len(ids), args.n)
-        done = {(r["method"], r["n"], r["j"]) for r in read_records(args.out)}
+        done = {(r["method"], r["n"], r["at"]) for r in read_records(args.out)}
         for j, at in enumerate(starts):  # continuation-major: a stopped run has every length at about the same n
             for n in lengths:
-                todo = [m for m in methods if (m, n, j) not in done and not (m == "full" and n > full_limit)]
+                todo = [m for m in methods if (m, n, at) not in done and not (m == "full" and n > full_limit)]
                 for method, measured in run_methods(todo, model, tok, ids, at, n, j, args).items():
                     rec = {"method": method, "n": n, "j": j, "at": at, "query": args.query, "cont": args.cont,
                            "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks, **measured}

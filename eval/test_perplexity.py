@@ -82,8 +82,13 @@ def test_cli_resumes_and_reports_every_method(tiny, tmp_path, capsys):
     assert len(rows) == 2 * (1 + 4 * 2) and {r["method"] for r in rows if r["n"] == 240} == set(ppl.METHODS) - {"full"}
     assert len({r["at"] for r in rows}) == 2
     assert ppl.main(argv) == 0 and ppl.read_records(out) == rows  # resumed: nothing re-run
+    argv[argv.index("--n") + 1] = "3"  # the starts of --n 3 include those of --n 2: only the middle one is new
+    assert ppl.main(argv) == 0
+    more = ppl.read_records(out)
+    assert more[:len(rows)] == rows and len({r["at"] for r in more}) == 3 and len(more) == len(rows) * 3 // 2
+    rows = more
     table = ppl.report(rows)
-    assert "oracle (upper bound" in table and "n=2" in table and "| random-k |" in table
+    assert "oracle (upper bound" in table and "n=3" in table and "| random-k |" in table
 
 
 def test_wait_policy_is_set_before_torch_is_imported():
