@@ -2,6 +2,7 @@
 and a SentencePiece tokenizer trained in-process (seconds). Nothing is downloaded. Also the helpers that
 several test files use: the plain greedy reference and the ways to damage a checkpoint folder."""
 import json
+import math
 import os
 import random
 
@@ -176,3 +177,29 @@ def truncate_weights(folder: str, keep) -> None:
 def only_pickled_weights(folder: str) -> None:
     os.remove(os.path.join(folder, "model.safetensors"))
     open(os.path.join(folder, "pytorch_model.bin"), "wb").close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention references (tests/test_model.py, tests/test_flash_attn.py)
+
+def qkv(b, h, h_kv, t_q, t_k, d=16, seed=0, dtype=torch.float32, device="cpu"):
+    """Random q [B, H, Tq, d] and k, v [B, Hkv, Tk, d]."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def reference_attention(q, k, v):
+    """Independent of both: softmax(q k^T / sqrt(d) + bottom-right causal mask) v in float64, per query head,
+    written with explicit loops over heads and rows. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]."""
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    b, h, t_q, d = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    out = torch.zeros(b, h, t_q, d, dtype=torch.float64)
+    for head in range(h):
+        kh, vh = k[:, head * h_kv // h], v[:, head * h_kv // h]  # (B, Tk, D): this head's group's KV head
+        for i in range(t_q):
+            visible = i + t_k - t_q + 1  # keys 0 .. i + Tk - Tq
+            w = (q[:, head, i:i + 1] @ kh[:, :visible].transpose(-1, -2) / math.sqrt(d)).softmax(-1)  # (B, 1, vis)
+            out[:, head, i] = (w @ vh[:, :visible])[:, 0]
+    return out

@@ -52,14 +52,16 @@ def document(tok, length: int, n_questions: int, seed: int = 0):
 def run_part(args) -> dict:
     import torch
     from model import load_model
-    from parallelcomp import ParallelCompConfig, answer
-    from session import Document
+    from parallelcomp import ParallelCompConfig, answer, default_chunk_size
+    from session import QUESTION_BUDGET, Document
     from tokenizer import load_tokenizer
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
     text, questions, values = document(tok, args.length, args.questions)
-    cfg = ParallelCompConfig(chunk_size=args.chunk_size, keep_chunks=1)
-    out = {"part": args.part, "length": args.length}
+    size = args.chunk_size or default_chunk_size(  # the session's default, given to the one-shot runs too
+        model.args, len(tok.encode_prompt(text, questions[0]).header), QUESTION_BUDGET, args.max_new_tokens)
+    cfg = ParallelCompConfig(chunk_size=size, keep_chunks=1)
+    out = {"part": args.part, "length": args.length, "chunk_size": size}
     t0 = time.perf_counter()
     if args.part == "session":
         doc = Document.encode(model, tok, text, cfg, questions=questions, max_new_tokens=args.max_new_tokens)
@@ -91,7 +93,7 @@ def run_part(args) -> dict:
 
 
 def markdown(rows: list[dict], n_q: int) -> str:
-    lines = [f"| tokens | chunks | session: encode + {n_q} questions | per extra question (share of encoding) | "
+    lines = [f"| tokens | chunks (size) | session: encode + {n_q} questions | per extra question (share of encoding) | "
              f"{n_q} one-shot runs (n measured) | ratio | peak RSS session / one-shot | K/V held | cache file | "
              "load | correct session / one-shot |", "|" + "---:|" * 11]
     for length in sorted({r["length"] for r in rows}):
@@ -99,7 +101,7 @@ def markdown(rows: list[dict], n_q: int) -> str:
         per_q = sum(s["question_s"]) / len(s["question_s"])
         session_s = s["encode_s"] + sum(s["question_s"])
         oneshot_s = n_q * sum(o["oneshot_s"]) / len(o["oneshot_s"])
-        lines.append(f"| {s['tokens']:,} | {s['chunks']} | {session_s:.1f} s | {per_q:.2f} s "
+        lines.append(f"| {s['tokens']:,} | {s['chunks']} ({s['chunk_size']:,}) | {session_s:.1f} s | {per_q:.2f} s "
                      f"({100 * per_q / s['encode_s']:.1f}%) | {oneshot_s:.1f} s ({len(o['oneshot_s'])}) | "
                      f"{oneshot_s / session_s:.1f}x | {s['peak_rss_mib']:.0f} / {o['peak_rss_mib']:.0f} MiB | "
                      f"{s['kv_bytes'] / 2**20:.0f} MiB | {s['cache_bytes'] / 2**20:.0f} MiB | {lo['load_s']:.1f} s | "
@@ -113,7 +115,8 @@ def main() -> int:
     p.add_argument("--lengths", default="16k,64k")
     p.add_argument("--questions", type=int, default=20)
     p.add_argument("--oneshot", type=int, default=2, help="one-shot runs measured (of --questions)")
-    p.add_argument("--chunk-size", type=int, default=2000)
+    p.add_argument("--chunk-size", type=int, help="default: the session's default (trained window - 128 question "
+                   "tokens - --max-new-tokens), given to the one-shot runs as well")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "session"))
@@ -133,7 +136,7 @@ def main() -> int:
                 argv = [sys.executable, __file__, "--part", part, "--length", str(length),
                         "--cache", os.path.join(tmp, f"{length}.pcdoc")]
                 argv += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                         if k in ("ckpt", "questions", "oneshot", "chunk_size", "max_new_tokens", "threads")]
+                         if k in ("ckpt", "questions", "oneshot", "chunk_size", "max_new_tokens", "threads") and v is not None]
                 row = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
                 rows.append(row)
                 print(part, length, {k: v for k, v in row.items() if k != "answers"}, file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import make_checkpoint
+from conftest import make_checkpoint, qkv, reference_attention
 from parallelcomp import ParallelCompConfig, decode, run_parallelcomp
 
 CUDA = torch.cuda.is_available()
@@ -49,22 +49,6 @@ def flash_attn_func_reference(q, k, v, dropout_p=0.0, softmax_scale=None, causal
     return (probs @ vf).transpose(1, 2).to(q.dtype)  # (B, Tq, H, D)
 
 
-def reference_attention(q, k, v):
-    """Independent of both: softmax(q k^T / sqrt(d) + bottom-right causal mask) v in float64, per query head,
-    written with explicit loops over heads and rows. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]."""
-    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    b, h, t_q, d = q.shape
-    h_kv, t_k = k.shape[1], k.shape[2]
-    out = torch.zeros(b, h, t_q, d, dtype=torch.float64)
-    for head in range(h):
-        kh, vh = k[:, head * h_kv // h], v[:, head * h_kv // h]  # (B, Tk, D): this head's group's KV head
-        for i in range(t_q):
-            visible = i + t_k - t_q + 1  # keys 0 .. i + Tk - Tq
-            w = (q[:, head, i:i + 1] @ kh[:, :visible].transpose(-1, -2) / math.sqrt(d)).softmax(-1)  # (B, 1, vis)
-            out[:, head, i] = (w @ vh[:, :visible])[:, 0]
-    return out
-
-
 @pytest.fixture
 def flash(monkeypatch, request):
     """Forces model.attention onto its flash-attn branch with the given implementation; counts the calls."""
@@ -83,12 +67,6 @@ def flash(monkeypatch, request):
     monkeypatch.setattr(M, "flash_attn_func", counted)
     monkeypatch.setattr(M, "use_flash", lambda q: True)
     return calls
-
-
-def qkv(b, h, h_kv, t_q, t_k, d, seed, device, dtype):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 DEVICES = [pytest.param("cpu", torch.float32, 1e-5, id="cpu-fp32"),
@@ -128,7 +106,7 @@ def test_reference_follows_the_documented_examples():
 
 def test_reference_rejects_our_own_layout():
     """Handing it [B, H, T, D] without the transpose trips the head-divisibility check for these shapes."""
-    q, k, v = qkv(1, 8, 2, 5, 7, 16, 0, "cpu", torch.float32)  # ours: [B, H, T, D]
+    q, k, v = qkv(1, 8, 2, 5, 7)  # ours: [B, H, T, D]
     with pytest.raises(AssertionError):
         flash_attn_func_reference(q, k, v, causal=True)  # read as Tq=8, H=5, Tk=2, Hkv=7
 
@@ -140,7 +118,7 @@ def test_reference_rejects_our_own_layout():
 @SHAPES
 @HEADS
 def test_flash_branch_matches_masked_softmax(flash, device, dtype, atol, t_q, t_k, h, h_kv):
-    q, k, v = qkv(2, h, h_kv, t_q, t_k, 16, t_q * 100 + t_k + h_kv, device, dtype)
+    q, k, v = qkv(2, h, h_kv, t_q, t_k, seed=t_q * 100 + t_k + h_kv, dtype=dtype, device=device)
     got = M.attention(q, k, v)
     assert len(flash) == 1 and flash[0][0] == (2, t_q, h, 16) and flash[0][1] == (2, t_k, h_kv, 16)  # it ran
     assert got.shape == (2, h, t_q, 16) and got.dtype == dtype and got.device.type == device
@@ -152,7 +130,7 @@ def test_flash_branch_matches_masked_softmax(flash, device, dtype, atol, t_q, t_
 @HEADS
 def test_real_flash_attn_kernel_matches_masked_softmax(flash, t_q, t_k, h, h_kv):
     """Only where the flash_attn package and CUDA are there (skipped otherwise): the real kernel, bfloat16."""
-    q, k, v = qkv(2, h, h_kv, t_q, t_k, 64, t_q + t_k, "cuda", torch.bfloat16)
+    q, k, v = qkv(2, h, h_kv, t_q, t_k, d=64, seed=t_q + t_k, dtype=torch.bfloat16, device="cuda")
     got = M.attention(q, k, v)
     assert len(flash) == 1
     torch.testing.assert_close(got.double().cpu(), reference_attention(q, k, v), rtol=0, atol=2e-2)
@@ -163,7 +141,7 @@ def test_flash_branch_equals_sdpa_branch(monkeypatch, device, dtype, atol):
     """The two branches of model.attention on the same inputs, every shape the model produces: chunk prefill
     (square), the question over a cache (fewer queries), a decode step (one query); MHA and GQA."""
     for (t_q, t_k), (h, h_kv) in [(s, hh) for s in [(33, 33), (16, 80), (1, 80)] for hh in [(4, 4), (8, 2)]]:
-        q, k, v = qkv(3, h, h_kv, t_q, t_k, 32, t_q + h_kv, device, dtype)
+        q, k, v = qkv(3, h, h_kv, t_q, t_k, d=32, seed=t_q + h_kv, dtype=dtype, device=device)
         sdpa = M.attention(q, k, v)
         with monkeypatch.context() as m:
             m.setattr(M, "flash_attn_func", flash_attn_func_reference)

@@ -5,7 +5,6 @@ Every checkpoint here is a random tiny model that `transformers` writes in the r
 configuration and RoPE, attention, the forward pass against `transformers`, incremental decoding, loading.
 """
 import json
-import math
 import os
 import shutil
 
@@ -15,7 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 import model as M
-from conftest import make_checkpoint, only_pickled_weights, rewrite_weights, truncate_weights
+from conftest import make_checkpoint, only_pickled_weights, qkv, reference_attention, rewrite_weights, truncate_weights
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -143,26 +142,6 @@ def test_trained_window():
 # ----------------------------------------------------------------------------------------------------
 # Attention: every path of model.attention against an explicit masked softmax
 
-def reference_attention(q, k, v, causal=True):
-    """softmax(q k^T / sqrt(d) + mask) v in float64; query i sits at key position i + Tk - Tq; query head h
-    reads KV head h // (H / Hkv), the grouping of transformers' repeat_kv."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    if causal:
-        t_q, t_k = q.shape[2], k.shape[2]
-        for i in range(t_q):
-            scores[:, :, i, i + t_k - t_q + 1:] = float("-inf")
-    return (scores.softmax(-1) @ v).float()
-
-
-def qkv(b, h, h_kv, t_q, t_k, d=16, seed=0, dtype=torch.float32, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
-
-
 def test_causal_mask_is_bottom_right_aligned():
     assert M.causal_mask(2, 4, "cpu").tolist() == [[True, True, True, False], [True, True, True, True]]
     assert M.causal_mask(3, 3, "cpu").tolist() == [[True, False, False], [True, True, False], [True, True, True]]
@@ -173,7 +152,7 @@ def test_causal_mask_is_bottom_right_aligned():
 @pytest.mark.parametrize("h, h_kv", [(4, 4), (6, 2)], ids=["mha", "gqa"])
 def test_attention_paths_match_reference(t_q, t_k, h, h_kv):
     q, k, v = qkv(2, h, h_kv, t_q, t_k, seed=t_q * 100 + t_k + h_kv)
-    torch.testing.assert_close(M.attention(q, k, v), reference_attention(q, k, v), rtol=0, atol=1e-5)
+    torch.testing.assert_close(M.attention(q, k, v).double(), reference_attention(q, k, v), rtol=0, atol=1e-5)
 
 
 def test_attention_batch_of_right_padded_chunks_equals_each_chunk_alone():
@@ -184,7 +163,7 @@ def test_attention_batch_of_right_padded_chunks_equals_each_chunk_alone():
     for b, n in enumerate(lengths):
         alone = M.attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
         torch.testing.assert_close(out[b:b + 1, :, :n], alone, rtol=0, atol=1e-6)
-        torch.testing.assert_close(alone, reference_attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n],
+        torch.testing.assert_close(alone.double(), reference_attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n],
                                                               v[b:b + 1, :, :n]), rtol=0, atol=1e-5)
 
 
@@ -193,7 +172,7 @@ def test_attention_batch_of_right_padded_chunks_equals_each_chunk_alone():
 @pytest.mark.parametrize("t_q, t_k, h, h_kv", [(64, 64, 8, 2), (5, 64, 8, 2), (1, 64, 8, 8), (64, 64, 4, 4)])
 def test_flash_attention_path_matches_reference(t_q, t_k, h, h_kv):
     q, k, v = qkv(2, h, h_kv, t_q, t_k, d=64, dtype=torch.float16, device="cuda")
-    got = M.attention(q, k, v).float().cpu()
+    got = M.attention(q, k, v).double().cpu()
     want = reference_attention(q.float().cpu(), k.float().cpu(), v.float().cpu())
     torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
 
