@@ -138,6 +138,9 @@ class Document:
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             save_file(tensors, tmp, metadata=self.identity())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a cache file gets the usual mode
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -67,6 +67,12 @@ def test_a_saved_and_loaded_document_answers_as_before(demo, tmp_path):
     path = str(tmp_path / "doc.safetensors")
     assert doc.save(path) == os.path.getsize(path) > doc.kv_bytes()
     assert os.listdir(tmp_path) == ["doc.safetensors"]  # no temporary file left behind
+    umask = os.umask(0o027)
+    try:  # the usual mode for the umask (safetensors alone writes 0600)
+        doc.save(path)
+        assert os.stat(path).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
     loaded = Document.load(path, model, tok, context, pc.ParallelCompConfig(keep_chunks=2, kv_capacity=60))
     assert_same_trace(loaded.answer(QUESTIONS[1], max_new_tokens=6, trace=True).trace,
                       pc.answer(model, tok, context, QUESTIONS[1], cfg, max_new_tokens=6, trace=True).trace)
