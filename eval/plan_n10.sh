@@ -18,8 +18,8 @@ done
 # 2. several questions per context (4 needles in the Bible, one question each), one-shot per question until
 #    document sessions run here
 run --setting pc2k --chunk-size 2000 --tasks kjv_multi --lengths 16k --n 10 --out eval/results/smollm2_n10.jsonl
-# 3. perplexity by context length, the fair protocol (query-selected chunks against last-k, random-k, full
+# 3. perplexity by context length (--n 19: its starts include the committed --n 10 run's), the fair protocol (query-selected chunks against last-k, random-k, full
 #    attention; the oracle as an upper bound)
-"$PY" -m eval.perplexity --ckpt "$M" --lengths 2k,4k,8k,16k,32k --n 20 --full-limit 16k \
+"$PY" -m eval.perplexity --ckpt "$M" --lengths 2k,4k,8k,16k,32k --n 19 --full-limit 16k \
   --out eval/results/perplexity_smollm2.jsonl
 "$PY" -m eval.report eval/results/smollm2_n10.jsonl
