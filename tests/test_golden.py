@@ -36,3 +36,13 @@ def test_golden_trace_is_complete():
     # every stage left a mark: several chunks, KV eviction, and calibration in the covered layers
     assert len(want["chunk_bounds"]) > len(want["kept_chunks"]) >= 1
     assert any(want[f"calibration_kept.{i}"].shape[1] < want[f"kv_kept.{i}"].shape[1] for i in range(n_layers))
+    bounds, kept = want["chunk_bounds"], want["kept_chunks"]
+    assert bounds[0, 0] == 0 and bounds[-1, 1] == len(want["context_ids"]) and (bounds[1:, 0] == bounds[:-1, 1]).all()
+    lowest = want["chunk_scores"].argsort(stable=True)[:len(kept)]  # the keep rule: lowest I_c
+    assert sorted(lowest.tolist()) == kept.tolist()
+    before_eviction = len(want["header_ids"]) + sum(int(bounds[c, 1] - bounds[c, 0]) for c in kept)
+    for i in range(n_layers):
+        kv, cal = want[f"kv_kept.{i}"], want[f"calibration_kept.{i}"]
+        assert kv.shape[1] < before_eviction  # KV eviction dropped tokens in every layer
+        for head in range(kv.shape[0]):  # calibration only removes tokens that KV eviction kept
+            assert set(cal[head].tolist()) <= set(kv[head].tolist()) and (kv[head].diff() > 0).all()

@@ -312,9 +312,12 @@ def test_load_in_bfloat16_keeps_rope_and_logits_in_float32(ckpts):
     model = M.load_model(ckpts("llama_tied"), dtype=torch.bfloat16)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16 and model.output.weight is model.tok_embeddings.weight
     assert model.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.no_grad():
         logits = model(rand_tokens(1, 8), torch.arange(8)[None])
+        want = M.load_model(ckpts("llama_tied"))(rand_tokens(1, 8), torch.arange(8)[None])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert (logits - want).abs().max() < 0.05 * want.abs().max()  # the same weights, rounded to bfloat16
 
 
 def drop(key):
