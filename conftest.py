@@ -190,8 +190,8 @@ def qkv(b, h, h_kv, t_q, t_k, d=16, seed=0, dtype=torch.float32, device="cpu"):
 
 
 def reference_attention(q, k, v):
-    """Independent of both: softmax(q k^T / sqrt(d) + bottom-right causal mask) v in float64, per query head,
-    written with explicit loops over heads and rows. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]."""
+    """Independent of model.attention and of the flash-attn stand-in: softmax(q k^T / sqrt(d) + bottom-right
+    causal mask) v in float64, per query head, written with explicit loops over heads and rows. q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]."""
     q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
