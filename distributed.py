@@ -74,6 +74,13 @@ def setup(device_type: str, timeout_s: float = 600.0) -> tuple[dist.ProcessGroup
     return group, device                                              # abort a collective that waits that long
 
 
+def start(args) -> tuple[dist.ProcessGroup | None, torch.device | None]:
+    """generate.py's (group, rank device) under torchrun; (None, None) in a single process."""
+    if not launched():
+        return None, None
+    return setup("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu", args.dist_timeout)
+
+
 def close(group: dist.ProcessGroup | None = None) -> None:
     """Leave the process group (and its patient twin), if this process joined one. With `group`, first wait for
     every rank of it to get here, without a timeout (rank 0 may still be writing its answer).

@@ -208,11 +208,27 @@ def check_shapes(args, n_header: int, n_context: int, chunks: list[pc.ChunkKV]) 
         raise ValueError(f"the chunks cover {end} of {n_context} context tokens")
 
 
+def wanted(args) -> bool:
+    """Whether generate.py runs a session: --questions-file, --save-cache or --load-cache."""
+    return bool(args.questions_file or args.save_cache or args.load_cache)
+
+
+def check_flags(args, launched: bool) -> None:
+    """The session flags generate.py refuses, before anything is read."""
+    if launched and wanted(args):
+        raise pc.ConfigError("--questions-file, --save-cache and --load-cache run in one process; launch without "
+                             "torchrun (README: one document, many questions)")
+    if args.save_cache and args.load_cache:
+        raise pc.ConfigError("give --save-cache or --load-cache, not both (a loaded cache is already on disk)")
+    if args.dump and args.questions_file:
+        raise pc.ConfigError("--dump writes one question's trace; use it with --question")
+
+
 def run_cli(args, context: str, questions: list[str], cfg: pc.ParallelCompConfig, tokenizer, model, device) -> None:
     """generate.py with --questions-file, --save-cache or --load-cache: read the document once (or load it), then
     answer each question. With --questions-file each answer is a JSON line on stdout, flushed as it is done, and
     a question that cannot run gets its own {"question", "error"} line; progress and stats go to stderr."""
-    from generate import Progress, Stream, print_stats, sampling
+    from cli_io import Progress, Stream, print_stats, sampling, write_trace
     if args.load_cache:
         t0 = time.perf_counter()
         doc = Document.load(args.load_cache, model, tokenizer, context, cfg, args.chat, args.instruction)
@@ -233,7 +249,7 @@ def run_cli(args, context: str, questions: list[str], cfg: pc.ParallelCompConfig
             stream.finish(result.text)
             print_stats(result.stats, device)
             if args.dump:
-                save_file(result.trace, args.dump)
+                write_trace(result.trace, args.dump)
             continue
         try:
             result = doc.answer(question, config=cfg, **sampling(args))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import parallelcomp as pc
+from cli_io import parse_calibration
 from conftest import plain_greedy, sample_text
 from model import KVCache, load_model
 from tokenizer import load_tokenizer
@@ -495,8 +496,8 @@ def test_calibration_evicts_before_attention_and_the_logits_equal_a_run_over_the
 def test_paper_calibration_preset():
     assert pc.paper_calibration(32) == [("middle", 1, 8), ("recent", 9, 16), ("sink", 25, 32)]
     assert pc.paper_calibration(4) == [("middle", 1, 1), ("recent", 2, 2), ("sink", 4, 4)]
-    assert pc.parse_calibration("paper", 32) == pc.paper_calibration(32)
-    assert pc.parse_calibration("middle:1-8,sink:30", 32) == [("middle", 1, 8), ("sink", 30, 30)]
+    assert parse_calibration("paper", 32) == pc.paper_calibration(32)
+    assert parse_calibration("middle:1-8,sink:30", 32) == [("middle", 1, 8), ("sink", 30, 30)]
 
 
 @pytest.mark.parametrize("kw,message", [

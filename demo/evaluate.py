@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 from demo.passkey import make_example  # noqa: E402
 from model import load_model  # noqa: E402
 import parallelcomp as pc  # noqa: E402
-from parallelcomp import ParallelCompConfig, parse_calibration  # noqa: E402
+from cli_io import parse_calibration  # noqa: E402
+from parallelcomp import ParallelCompConfig  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MAX_NEW_TOKENS = 8  # the answer is a space marker, 5 digits, then EOS

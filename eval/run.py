@@ -115,7 +115,8 @@ def needle_report(tok, context: str, needle_char: int, trace: dict) -> dict:
 
 
 def make_config(args, n_layers: int):
-    from parallelcomp import ParallelCompConfig, parse_calibration
+    from cli_io import parse_calibration
+    from parallelcomp import ParallelCompConfig
     return ParallelCompConfig(chunk_size=args.chunk_size, keep_chunks=args.keep_chunks,
                               kv_capacity=args.kv_capacity,
                               calibration=parse_calibration(args.calibration, n_layers),
@@ -130,11 +131,25 @@ def predict(model, tok, job: dict, cfg, method: str, full_max_tokens=None, chat=
     res = answer(model, tok, job["context"], job["question"], cfg, method, job["max_new_tokens"],
                  full_max_tokens=full_max_tokens, chat=chat and job["chat_ok"], trace=want_trace,
                  instruction=job.get("instruction", ""))
+    return make_record(tok, job, res, time.perf_counter() - t0, needle if want_trace else None)
+
+
+def predict_in_session(doc, tok, job: dict, cfg, needle=None) -> dict:
+    """predict() for one question of a document session (session.Document over job's context): the seconds are
+    this question's alone (the record's encode_s is the document's one encoding)."""
+    t0 = time.perf_counter()
+    res = doc.answer(job["question"], job["max_new_tokens"], config=cfg, trace=needle is not None)
+    rec = make_record(tok, job, res, time.perf_counter() - t0, needle)
+    rec.update(session=True, encode_s=round(doc.encode_s, 2))
+    return rec
+
+
+def make_record(tok, job: dict, res, seconds: float, needle=None) -> dict:
     rec = {"pred": res.text, "answers": job["answers"], "all_classes": job["all_classes"],
-           "seconds": round(time.perf_counter() - t0, 2), "input_tokens": res.stats.get("input_tokens"),
+           "seconds": round(seconds, 2), "input_tokens": res.stats.get("input_tokens"),
            "chunks_total": res.stats.get("chunks_total"), "chunks_kept": res.stats.get("chunks_kept"),
            "chunk_size": res.stats.get("chunk_size")}
-    if want_trace:
+    if needle is not None:
         rec.update(needle_report(tok, job["context"], needle, res.trace))
     return rec
 

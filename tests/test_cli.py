@@ -13,19 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import generate
-from conftest import make_checkpoint, plain_greedy, sample_text
+import cli_io
+from conftest import plain_greedy, sample_text
 from model import load_model
 from parallelcomp import ParallelCompConfig, answer, paper_calibration
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is the secret code?"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, sp_model):
-    return make_checkpoint(str(tmp_path_factory.mktemp("cli") / "ckpt"), sp_model)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_cli_equals_python_api_and_dump_is_the_documented_trace(ckpt, context, t
 
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     cfg = ParallelCompConfig(chunk_size=60, keep_chunks=2, kv_capacity=30, calibration=paper_calibration(2))
-    text, question = generate.split_question(text, QUESTION)  # what the CLI makes of the file and the flag
+    text, question = cli_io.split_question(text, QUESTION)  # what the CLI makes of the file and the flag
     api = answer(model, tok, text, question, cfg, max_new_tokens=12, trace=True)
     assert len(api.ids) > 0
     assert out == api.text + "\n"  # stdout carries the generated text only
@@ -113,7 +108,7 @@ def test_cli_method_full_equals_plain_greedy_decoding(ckpt, tmp_path):
                              "--max-new-tokens", 10, "--dump", dump)
     assert code == 0, err
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
-    context, question = generate.split_question(prompt.read_text(encoding="utf-8"), None)
+    context, question = cli_io.split_question(prompt.read_text(encoding="utf-8"), None)
     prompt = tok.encode_prompt(context, question)
     tokens = prompt.header + prompt.context + prompt.question
     assert len(tokens) + 10 <= model.args.trained_window
@@ -132,7 +127,7 @@ def test_cli_instruction_is_read_before_the_context(ckpt, context):
                              "--method", "full", "--max-new-tokens", 8, "--instruction", instruction)
     assert code == 0, err
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
-    context_text, question = generate.split_question(text, QUESTION)
+    context_text, question = cli_io.split_question(text, QUESTION)
     prompt = tok.encode_prompt(context_text, question, instruction=instruction)
     tokens = prompt.header + prompt.context + prompt.question
     assert tokens == [tok.bos_id] + tok.encode(instruction + context_text + question)
@@ -164,12 +159,12 @@ def test_stream_holds_back_a_character_until_its_last_byte(ckpt, capsys):
     those, or it would stop matching the final text (and the rest of the answer would be lost)."""
     tok = load_tokenizer(ckpt)
     ids = tok.encode("ab") + [tok.token_id("<0xC3>"), tok.token_id("<0xA9>")] + tok.encode("cd")
-    stream = generate.Stream()
+    stream = cli_io.Stream()
     for i in range(1, len(ids) + 1):
         stream(tok.decode(ids[:i]))
     stream.finish(tok.decode(ids))
     assert capsys.readouterr().out == "ab\u00e9 cd\n" == tok.decode(ids) + "\n"
-    stream = generate.Stream()
+    stream = cli_io.Stream()
     stream(tok.decode(ids[:3]))  # "ab" + an incomplete character: held back ...
     stream.finish(tok.decode(ids[:3]))  # ... until the end, where it is what the model said
     assert capsys.readouterr().out == "ab\ufffd\n"
@@ -177,8 +172,8 @@ def test_stream_holds_back_a_character_until_its_last_byte(ckpt, capsys):
 
 def test_question_flag_never_runs_on_from_the_files_last_word():
     """context + question is one text: a file without a final line end gets one before the question."""
-    assert generate.split_question("The key is 4.", "What is the key?") == ("The key is 4.\n", "What is the key?")
-    assert generate.split_question("The key is 4.\n", "What?") == ("The key is 4.\n", "What?")
-    assert generate.split_question("The key is 4.", " What?") == ("The key is 4.", " What?")
-    assert generate.split_question("A.\n\nB.\n\nWhat?\n", None) == ("A.\n\nB.\n\n", "What?")
+    assert cli_io.split_question("The key is 4.", "What is the key?") == ("The key is 4.\n", "What is the key?")
+    assert cli_io.split_question("The key is 4.\n", "What?") == ("The key is 4.\n", "What?")
+    assert cli_io.split_question("The key is 4.", " What?") == ("The key is 4.", " What?")
+    assert cli_io.split_question("A.\n\nB.\n\nWhat?\n", None) == ("A.\n\nB.\n\n", "What?")
 

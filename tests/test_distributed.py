@@ -153,7 +153,7 @@ def cli_launch(tmp_path_factory):
 
 
 def test_torchrun_generate_equals_one_process(cli_launch):
-    from generate import read_prompt
+    from cli_io import read_prompt
     from model import load_model
     from parallelcomp import ParallelCompConfig, answer, paper_calibration
     from tokenizer import load_tokenizer
