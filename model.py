@@ -156,13 +156,6 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return j <= i + (t_k - t_q)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """flash-attn's kernel, in our layout. flash_attn_func takes [B, T, H, hd], aligns causal=True bottom-right
-    and handles GQA itself (query head h reads KV head h // (H / Hkv)). Returns [B, H, Tq, hd]."""
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, Tq, H, hd)
-    return out.transpose(1, 2)
-
-
 def use_flash(q: torch.Tensor) -> bool:
     """flash-attn runs on CUDA in half precision only; SDPA is the exact fallback everywhere else."""
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -174,10 +167,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     q: [B, H, Tq, hd]; k, v: [B, Hkv, Tk, hd] with Tk >= Tq (the queries are the last Tq positions).
     Several independent chunks go in one call as the batch dimension B; right-padded chunks are exact
     for their real tokens, since a real query never sees a later (padding) key under the causal mask.
-    Returns [B, H, Tq, hd].
-    """
-    if use_flash(q):
-        return flash_attention(q, k, v)
+    Returns [B, H, Tq, hd]."""
+    if use_flash(q):  # flash-attn takes [B, T, H, hd], aligns causal=True bottom-right and handles GQA itself
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if t_q == 1:  # one query (a decode step) sees every key
@@ -192,19 +184,16 @@ class CacheHook(Protocol):
     """What a forward pass calls in every layer, before attention: `update(layer, q, k, v)` receives the layer's
     rotated queries [B, H, T, hd] and new keys/values [B, Hkv, T, hd] and returns the keys and values the queries
     attend to ([B, Hkv, S, hd], the new tokens last). KVCache appends and returns everything so far; ParallelComp
-    plugs its KV eviction and attention calibration in here (parallelcomp.ChunkCache, parallelcomp.Calibration)."""
+    plugs in here (parallelcomp.ChunkPrefill, QuestionOverChunk, Calibration)."""
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:
-    """Plain per-layer KV cache at n_kv_heads (a CacheHook): appends and returns everything cached so far.
-
-    Keys/values live in buffers with room for `grow`
-    more tokens, so a decoding step writes in place instead of copying the whole cache (17 GB per token for
-    Llama-3-8B at 128K); `keys(layer)` / `values(layer)` are the filled part.
-    """
+    """Plain per-layer KV cache at n_kv_heads (a CacheHook): appends and returns everything cached so far. Buffers
+    keep room for `grow` more tokens, so a decoding step writes in place instead of copying the whole cache (17 GB
+    per token for Llama-3-8B at 128K); `keys(layer)` / `values(layer)` are the filled part."""
 
     def __init__(self, n_layers: int, grow: int = 256):
         self.k: list[torch.Tensor | None] = [None] * n_layers  # buffers (B, Hkv, capacity, hd)

@@ -108,23 +108,6 @@ def paper_calibration(n_layers: int) -> list[tuple[str, int, int]]:
     return out
 
 
-def parse_calibration(spec: str, n_layers: int) -> list[tuple[str, int, int]]:
-    """'none' | 'paper' | 'middle:1-8,recent:9-16,sink:25-32' (1-based, inclusive layer ranges)."""
-    if spec == "none":
-        return []
-    if spec == "paper":
-        return paper_calibration(n_layers)
-    rules = []
-    for part in spec.split(","):
-        try:
-            region, layers = part.split(":")
-            first, _, last = layers.partition("-")
-            rules.append((region.strip(), int(first), int(last or first)))
-        except ValueError:
-            raise ConfigError(f"calibration rule {part!r} is not REGION:FIRST-LAST (e.g. middle:1-8)") from None
-    return rules
-
-
 # ----------------------------------------------------------------------------------------------------
 # Stage 1: chunking (Sec. 3.1)
 
@@ -149,8 +132,7 @@ def split_chunks(strength: torch.Tensor, chunk_size: int, tail: float = 0.15) ->
 
     strength: [N] boundary strength of each context token (see boundary_strength). Returns [(start, end)]
     covering 0..N exactly once. The released code instead splits the *text* evenly by characters, which cuts
-    mid-sentence; the boundary effect on the question's first token then swamps the relevance signal of stage 2.
-    """
+    mid-sentence; the boundary effect on the question's first token then swamps the relevance signal of stage 2."""
     n = len(strength)
     first = max(1, math.ceil(n / chunk_size))
     best = None
@@ -260,22 +242,18 @@ def stream_chunks(model: Transformer, header: torch.Tensor, context: torch.Tenso
 
 def question_nll(logits: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
     """Eq. 3: I_c = -log P(q | chunk_c) / |q|, the question's self-information given the chunk.
-
     logits: [B, Q, vocab], the rows just before each question token; question: [Q] ids. Returns [B] float32.
-    Lower = the chunk makes the question more predictable = more relevant.
-    """
+    Lower = the chunk makes the question more predictable = more relevant."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, Q, V)
     return -logp.gather(-1, question.expand(logits.shape[0], -1)[..., None]).squeeze(-1).mean(-1)
 
 
 def snapkv_scores(q_win: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Eqs. 5-6: the attention of a chunk input's last W query rows over its T keys, summed over the rows.
-
     q_win: [H, W, hd], the rows at positions T-W..T-1 (causal: row i sees keys 0..T-W+i); k: [Hkv, T, hd].
     GQA: scored per query head, then averaged over the heads sharing a KV head (the released code expands the
     cache to H heads instead, 4x the memory on Llama-3). flash-attn returns no probabilities, so this small
-    (W x T) score is an explicit matmul. Returns [Hkv, T] float32.
-    """
+    (W x T) score is an explicit matmul. Returns [Hkv, T] float32."""
     h, w, hd = q_win.shape
     hkv, t = k.shape[0], k.shape[1]
     g = h // hkv
@@ -293,11 +271,9 @@ def kept_length(n_header: int, n_context: int, capacity: int | None) -> int:
 def snapkv_keep(scores: torch.Tensor, n_header: int, n_context: int, capacity: int | None, kernel: int) -> torch.Tensor:
     """Eq. 7: indices (into the chunk input) of the tokens one chunk keeps: its header, plus per KV head the top
     `capacity` context tokens by max-pooled score, in original order. The question copy is never kept.
-
     scores: [Hkv, T] for one chunk. Pooling runs over the context tokens only, so neither the header's nor the
     question's scores leak into their neighbours. Ties go to the earlier token.
-    Returns [Hkv, kept_length(n_header, n_context, capacity)].
-    """
+    Returns [Hkv, kept_length(n_header, n_context, capacity)]."""
     hkv = scores.shape[0]
     if capacity is None or capacity >= n_context:
         return torch.arange(n_header + n_context, device=scores.device).expand(hkv, -1)
@@ -376,11 +352,9 @@ def keep_order(score: float, index: int) -> tuple[float, int]:
 
 
 class ChunkQueue:
-    """Fixed-size priority queue keeping the k chunks first in keep_order.
-
-    It never holds more than k chunks' KV caches, so memory does not grow with the input length.
-    The authors' `topk_windows` keeps the *highest* NLL when positive; `keep_chunks` here always keeps the lowest.
-    """
+    """Fixed-size priority queue keeping the k chunks first in keep_order. It never holds more than k chunks' KV
+    caches, so memory does not grow with the input length. The authors' `topk_windows` keeps the *highest* NLL
+    when positive; `keep_chunks` here always keeps the lowest."""
 
     def __init__(self, k: int):
         self.k, self.heap = k, []
@@ -553,10 +527,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.inference_mode()
 def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, next_pos: int, max_new_tokens: int,
            stop_ids, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
-    """Generate up to max_new_tokens from the logits of the last prompt token; new tokens continue at next_pos,
-    ... and are appended to the cache (it stays at its compressed size plus the generated tokens).
-    Sampling draws from its own generator seeded with `seed` (0 when None), so a run never depends on torch's
-    global random state."""
+    """Generate up to max_new_tokens from the logits of the last prompt token; new tokens continue at next_pos and
+    are appended to the cache (its compressed size plus the generated tokens). Sampling draws from its own
+    generator seeded with `seed` (0 when None), never from torch's global random state."""
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=logits.device)
@@ -727,10 +700,6 @@ def answer(model: Transformer, tokenizer, context: str, question: str, config: P
                   temperature, top_p, seed, on_text, trace)
 
 
-def cache_bytes(cache: KVCache) -> int:
-    return sum(2 * cache.keys(i).numel() * cache.keys(i).element_size() for i in range(len(cache.k)))
-
-
 def finish(model: Transformer, tokenizer, prompt: Prompt, cache: KVCache, logits: torch.Tensor, next_pos: int,
            info: dict | None, prefill_s: float, max_new_tokens: int = 32, temperature: float = 0.0,
            top_p: float = 1.0, seed: int | None = None, on_text=None, trace: bool = False) -> Result:
@@ -738,7 +707,8 @@ def finish(model: Transformer, tokenizer, prompt: Prompt, cache: KVCache, logits
     info: run_parallelcomp's, or None for the full-attention baseline."""
     n_q = len(prompt.question)
     stats = {"method": "parallelcomp" if info else "full", "input_tokens": len(prompt.header) + len(prompt.context)
-             + n_q, "cache_tokens": round(sum(cache.size) / len(cache.size)) - n_q, "prefill_s": prefill_s, "cache_bytes": cache_bytes(cache)}
+             + n_q, "cache_tokens": round(sum(cache.size) / len(cache.size)) - n_q, "prefill_s": prefill_s,
+             "cache_bytes": sum(2 * k.numel() * k.element_size() for k in map(cache.keys, range(len(cache.k))))}
     if info:
         stats.update(chunks_total=len(info["bounds"]), chunks_kept=len(info["kept"]), chunk_size=prompt.cfg.chunk_size)
     t1 = time.perf_counter()

@@ -114,17 +114,12 @@ class Tokenizer:
         return chat_template.chat_parts(self.chat_template, self.special_tokens, question, instruction)
 
     def encode_prompt(self, context: str, question: str, chat: bool = False, instruction: str = "") -> PromptIds:
-        """Header, context and question ids (PromptIds) of instruction + context + question, or with --chat of the
-        template rendered for the user message instruction + context + "\\n\\n" + question (split by chat_parts).
-
-        The three texts are encoded apart, each as the model's own tokenizer (transformers) encodes it where it
-        stands: the header's at the start (after a BOS if the tokenizer adds one; with --chat the template prints
-        its own), the others after other text (SentencePiece: no dummy-prefix "▁"), once spaces that end a text
-        have moved to the next (both SentencePiece and byte-level BPE start a word's token with the space before
-        it). So every chunk input reads header + chunk text + the whole question, and the context ids do not
-        depend on the question. The one place where a one-chunk input differs from the tokenizer's encoding of
-        the whole text: where that has a token across a join (Llama 3's ".\\n\\n" from a context's "." and the
-        chat template's "\\n\\n"), it has the two sides' tokens (".", "\\n\\n"), as every other chunk input must."""
+        """Header, context and question ids of instruction + context + question, or with --chat of the template
+        rendered for the user message instruction + context + "\\n\\n" + question (split by chat_parts).
+        The three texts are encoded apart, each as transformers encodes it where it stands (the header at the
+        start, the others after other text), spaces that end a text moved to the next: every chunk input reads
+        header + chunk + the whole question. A token across a join (Llama 3's ".\\n\\n") is split into the two
+        sides' tokens, as every other chunk input must be (README: the header and the joins)."""
         for text, what in ((context, "context"), (question, "question"), (instruction, "instruction")):
             check_text(text, what)
         if chat:

@@ -8,7 +8,7 @@ stand-in for `flash_attn.flash_attn_func` that follows flash-attn 2's documented
   * softmax_scale defaults to 1 / sqrt(D); the output is [B, Tq, H, D] in the input dtype.
 
 The real package is not needed: a wrong argument layout, a top-left causal alignment or a wrong GQA grouping
-in model.flash_attention fails here, against an independent float64 masked softmax and against the whole
+in model.attention's flash-attn call fails here, against an independent float64 masked softmax and against the whole
 model's SDPA path. Where CUDA is available the same checks run on it in bfloat16 (bench/gpu.sh does that);
 where the flash_attn package is installed too, the real kernel is checked the same way.
 """
