@@ -83,6 +83,13 @@ def make_checkpoint(path: str, sp_model: str | None = None, model_type: str = "l
     return path
 
 
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory, sp_model) -> str:
+    """The default tiny checkpoint (SentencePiece tokenizer, 256-token window), shared: copy it before changing it.
+    test_parallelcomp.py has its own (a 512-token window, 4 layers)."""
+    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "ckpt"), sp_model)
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, sp_model):
     """Factory: tiny_ckpt(name, **config) -> checkpoint folder with a SentencePiece tokenizer."""
@@ -158,13 +165,21 @@ def rewrite_weights(folder: str, fn) -> None:
     save_file(fn(load_file(path)), path, metadata={"format": "pt"})
 
 
-def edit_json(folder: str, name: str, **over) -> None:
-    path = os.path.join(folder, name)
-    with open(path) as f:
-        data = json.load(f)
-    data.update(over)
-    with open(path, "w") as f:
-        json.dump(data, f)
+def read_json(folder: str, name: str) -> dict:
+    with open(os.path.join(folder, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(folder: str, name: str, data) -> None:
+    """A file of the folder replaced: JSON for a dict or list, as is for a str (e.g. a chat_template.jinja)."""
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+
+
+def edit_json(folder: str, name: str, drop: tuple[str, ...] = (), **over) -> None:
+    """The folder's JSON file with the keys `over` set and the keys `drop` removed; the test helpers' one JSON edit."""
+    data = {k: v for k, v in read_json(folder, name).items() if k not in drop}
+    write_json(folder, name, {**data, **over})
 
 
 def truncate_weights(folder: str, keep) -> None:

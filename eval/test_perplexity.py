@@ -1,7 +1,6 @@
 """Perplexity by length, the fair protocol: one chunk holding the whole context is full attention with the same
 header (BOS) for both; pc-query's selection never sees the scored tokens, the oracle's does; every method scores the
 same tokens; runs resume; the OpenMP wait policy is set before torch loads (tiny random checkpoint, seconds)."""
-import json
 import os
 import shutil
 import subprocess

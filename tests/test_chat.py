@@ -1,10 +1,9 @@
 """--chat: the checkpoint's own chat template, split around the context so every chunk is a user turn."""
-import json
-import os
 import shutil
 
 import pytest
 
+from conftest import edit_json
 from model import CheckpointError
 from tokenizer import load_tokenizer
 
@@ -18,12 +17,7 @@ LLAMA3_TEMPLATE = (
 def chat_dir(tmp_path, bpe_tokenizer_dir):
     path = str(tmp_path / "chat")
     shutil.copytree(bpe_tokenizer_dir, path)
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["chat_template"] = LLAMA3_TEMPLATE
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
+    edit_json(path, "tokenizer_config.json", chat_template=LLAMA3_TEMPLATE)
     return path
 
 

@@ -19,18 +19,16 @@ import time
 import pytest
 import torch
 
+import cli_io
 import generate
 from conftest import edit_json, make_checkpoint, only_pickled_weights, rewrite_weights, sample_text, truncate_weights
+from model import load_model
+from parallelcomp import answer
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "demo", "model")
 FAST = ["--max-new-tokens", "4"]  # leaves the tiny checkpoints' 256-token window room for chunks
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, sp_model):
-    return make_checkpoint(str(tmp_path_factory.mktemp("errors") / "ckpt"), sp_model)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +176,7 @@ def test_a_few_undecodable_bytes_are_replaced_with_a_warning(capsys, ckpt, tmp_p
     code, out, err = cli(capsys, "--ckpt", ckpt, "--prompt-file", path, *FAST)
     assert code == 0, err
     assert err.splitlines()[0] == f"warning: {path} is not valid UTF-8; 1 undecodable bytes replaced with U+FFFD"
-    assert generate.read_prompt(path, 1).startswith("Caf\ufffd au lait.")  # and the byte-order mark is dropped
+    assert cli_io.read_prompt(path, 1).startswith("Caf\ufffd au lait.")  # and the byte-order mark is dropped
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -255,7 +253,7 @@ def test_dump_path_that_cannot_be_written(capsys, ckpt, prompt, tmp_path):
     for path in (tmp_path / "no_such_folder" / "trace.safetensors", tmp_path):
         fails_with(capsys, [f"--dump {path}: cannot write there"],
                    "--ckpt", ckpt, "--prompt-file", prompt, "--dump", path, *FAST)
-    generate.check_writable(str(tmp_path / "fine.safetensors"))
+    cli_io.check_writable(str(tmp_path / "fine.safetensors"))
     assert os.listdir(tmp_path) == []  # checking a good path leaves nothing behind
 
 
@@ -408,9 +406,14 @@ def test_tokenizer_round_trip_fuzzing_never_crashes(ckpt, bpe_tokenizer_dir, kin
 def test_random_unicode_prompt_runs_end_to_end(capsys, ckpt, tmp_path):
     rng = random.Random(5)
     text = random_text(rng, 1500).replace("\x00", "") + "\n\nWhat is the secret code?"
-    code, out, err = cli(capsys, "--ckpt", ckpt, "--prompt-file", write(tmp_path, text.encode()), *FAST)
+    path = write(tmp_path, text.encode())
+    code, out, err = cli(capsys, "--ckpt", ckpt, "--prompt-file", path, *FAST)
     assert code == 0, err
-    assert "Traceback" not in err
+    context, question = cli_io.split_question(cli_io.read_prompt(path, 64), None)
+    assert question == "What is the secret code?" and len(context) > 1000  # the text reached the model whole
+    result = answer(load_model(ckpt), load_tokenizer(ckpt), context, question, max_new_tokens=4)
+    assert out == result.text + "\n"  # the same answer as the Python API on that text
+    assert f"input tokens      {result.stats['input_tokens']}\n" in err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,3 +465,8 @@ def test_chat_template_runs_in_a_sandbox(capsys, ckpt, prompt, tmp_path):
     edit_json(folder, "tokenizer_config.json", chat_template="[INST] {{ messages[0]['content'] }} [/INST]")
     code, out, err = cli(capsys, "--ckpt", folder, "--prompt-file", prompt, "--chat", *FAST)
     assert code == 0, err
+    tok = load_tokenizer(folder)  # the benign template rendered: its text around the user message, once
+    context, question = cli_io.split_question(cli_io.read_prompt(prompt, 64), None)
+    ids = tok.encode_prompt(context, question, chat=True)
+    assert tok.decode(ids.header).startswith("[INST]") and tok.decode(ids.question).endswith(question + " [/INST]")
+    assert out == answer(load_model(folder), tok, context, question, chat=True, max_new_tokens=4).text + "\n"

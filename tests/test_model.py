@@ -14,7 +14,8 @@ import transformers
 from safetensors.torch import load_file
 
 import model as M
-from conftest import make_checkpoint, only_pickled_weights, qkv, reference_attention, rewrite_weights, truncate_weights
+from conftest import (edit_json, make_checkpoint, only_pickled_weights, qkv, read_json, reference_attention, rewrite_weights,
+                      truncate_weights, write_json)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -70,8 +71,7 @@ def test_old_and_new_rope_config_forms_parse_to_the_same_args(ckpts, tmp_path):
     """transformers 5 writes `rope_parameters`; older checkpoints carry `rope_theta` + `rope_scaling` with the
     type under `type` (Llama 3.1 as first released) or `rope_type`. All three must give the same ModelArgs."""
     src = ckpts("llama31_rope")
-    with open(os.path.join(src, "config.json")) as f:
-        new = json.load(f)
+    new = read_json(src, "config.json")
     assert new["rope_parameters"]["rope_type"] == "llama3" and "rope_scaling" not in new  # really the new form
     new_args = M.load_args(src)
     assert new_args.rope_theta == 500000.0
@@ -83,7 +83,7 @@ def test_old_and_new_rope_config_forms_parse_to_the_same_args(ckpts, tmp_path):
         old.update(rope_theta=500000.0, rope_scaling={type_key: "llama3", **scaling})
         folder = tmp_path / type_key
         shutil.copytree(src, folder)
-        (folder / "config.json").write_text(json.dumps(old))
+        write_json(folder, "config.json", old)
         assert M.load_args(str(folder)) == new_args, type_key
 
     # default RoPE: new form {"rope_type": "default", "rope_theta": x} == old form rope_theta + rope_scaling null
@@ -341,26 +341,8 @@ def remove_second_shard(folder):
     return shards[1]
 
 
-def edit_config(**over):
-    def fn(folder):
-        path = os.path.join(folder, "config.json")
-        with open(path) as f:
-            cfg = json.load(f)
-        cfg.update(over)
-        with open(path, "w") as f:
-            json.dump(cfg, f)
-    return fn
-
-
-def drop_config_key(key):
-    def fn(folder):
-        path = os.path.join(folder, "config.json")
-        with open(path) as f:
-            cfg = json.load(f)
-        del cfg[key]
-        with open(path, "w") as f:
-            json.dump(cfg, f)
-    return fn
+def edit_config(drop=(), **over):
+    return lambda folder: edit_json(folder, "config.json", drop, **over)
 
 
 def write_config(text):
@@ -386,7 +368,7 @@ BROKEN = {  # name -> (variant to start from, damage(folder) -> optional name, w
     "unsupported_model_type": ("llama_gqa", edit_config(model_type="gpt2"), ["config.json", "gpt2"]),
     "unsupported_rope_type": ("llama_gqa", edit_config(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
                               ["config.json", "yarn"]),
-    "config_missing_field": ("llama_gqa", drop_config_key("hidden_size"), ["config.json", "hidden_size"]),
+    "config_missing_field": ("llama_gqa", edit_config(drop=("hidden_size",)), ["config.json", "hidden_size"]),
     "only_pickled_weights": ("llama_gqa", only_pickled_weights, [".bin", "safetensors"]),
 }
 

@@ -9,7 +9,6 @@ tokenizer.json transformers writes from it), Mistral-Instruct (tokenizer.model),
 whose post-processor adds a BOS, a template that prints it) and Qwen2.5-Instruct (tokenizer.json without BOS,
 ChatML); the real one is SmolLM2-135M-Instruct when `make model` has fetched it."""
 import functools
-import json
 import os
 import shutil
 
@@ -18,6 +17,7 @@ import transformers
 
 import parallelcomp as P
 import tokenizer as T
+from conftest import edit_json, read_json, write_json
 
 # the chat templates as their hub repositories ship them (Qwen's without its tool-calling branch)
 LLAMA2_CHAT = (
@@ -61,11 +61,6 @@ def added_tokens_decoder(tokens: dict) -> dict:
                 "special": True} for i, c in tokens.items()}
 
 
-def write(folder, name, data):
-    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-        f.write(data if isinstance(data, str) else json.dumps(data))
-
-
 def sp_folder(path, sp_model, template, in_jinja_file=False):
     """A Llama-2-chat / Mistral-Instruct tokenizer folder: tokenizer.model + tokenizer_config.json as those
     repositories write it (the chat template in it, or in chat_template.jinja as transformers 5 saves it)."""
@@ -75,10 +70,10 @@ def sp_folder(path, sp_model, template, in_jinja_file=False):
            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": False,
            "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}
     if in_jinja_file:
-        write(path, "chat_template.jinja", template)
+        write_json(path, "chat_template.jinja", template)
     else:
         cfg["chat_template"] = template
-    write(path, "tokenizer_config.json", cfg)
+    write_json(path, "tokenizer_config.json", cfg)
     return str(path)
 
 
@@ -86,9 +81,7 @@ def llama3_folder(path, bpe_dir):
     """Llama-3-Instruct: tokenizer.json whose post-processor prepends <|begin_of_text|>; the template prints
     bos_token itself."""
     shutil.copytree(bpe_dir, path)
-    with open(os.path.join(path, "tokenizer_config.json")) as f:
-        cfg = json.load(f)
-    write(path, "tokenizer_config.json", dict(cfg, chat_template=LLAMA3_INSTRUCT))
+    edit_json(path, "tokenizer_config.json", chat_template=LLAMA3_INSTRUCT)
     return str(path)
 
 
@@ -106,7 +99,7 @@ def qwen_folder(path, bpe_dir, **tok_cfg):
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.save(os.path.join(path, "tokenizer.json"))
-    write(path, "tokenizer_config.json", dict({
+    write_json(path, "tokenizer_config.json", dict({
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": QWEN25_INSTRUCT,
         "clean_up_tokenization_spaces": False, "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072},
         **tok_cfg))
@@ -413,7 +406,7 @@ def test_chunk_ids_are_the_fresh_encoding_where_no_token_crosses_a_join(folders,
 
 def test_chat_template_jinja_file_wins_over_tokenizer_config(folders, tmp_path):
     path = shutil.copytree(folders["llama2_chat"], tmp_path / "both")
-    write(path, "chat_template.jinja", MISTRAL_INSTRUCT)  # tokenizer_config.json still holds LLAMA2_CHAT
+    write_json(path, "chat_template.jinja", MISTRAL_INSTRUCT)  # tokenizer_config.json still holds LLAMA2_CHAT
     ours, hf = T.load_tokenizer(str(path)), transformers.AutoTokenizer.from_pretrained(str(path))
     assert ours.chat_template == MISTRAL_INSTRUCT == hf.chat_template
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -425,11 +418,9 @@ def test_chat_template_jinja_file_wins_over_tokenizer_config(folders, tmp_path):
 
 def test_named_chat_templates_use_default(folders, tmp_path):
     path = str(shutil.copytree(folders["llama3_instruct"], tmp_path / "named"))
-    with open(os.path.join(path, "tokenizer_config.json")) as f:
-        cfg = json.load(f)
-    cfg["chat_template"] = [{"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
-                            {"name": "default", "template": LLAMA3_INSTRUCT}]
-    write(path, "tokenizer_config.json", cfg)
+    edit_json(path, "tokenizer_config.json", chat_template=[
+        {"name": "tool_use", "template": "TOOLS {{ messages[0]['content'] }}"},
+        {"name": "default", "template": LLAMA3_INSTRUCT}])
     ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
     assert ours.chat_template == LLAMA3_INSTRUCT
     p = ours.encode_prompt("The sky", "Who?", chat=True)  # no token across a join ("." would join "\n\n")
@@ -450,7 +441,7 @@ EXTRAS = (
 
 def test_template_extras_render_as_in_transformers(folders, tmp_path):
     path = str(shutil.copytree(folders["llama3_instruct"], tmp_path / "extras"))
-    write(path, "chat_template.jinja", EXTRAS)
+    write_json(path, "chat_template.jinja", EXTRAS)
     ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
     messages = [{"role": "system", "content": "skipped"}, {"role": "user", "content": "first"},
                 {"role": "user", "content": "never rendered"}]
@@ -474,11 +465,10 @@ def test_decode_skips_ids_it_cannot_decode_and_says_so_once(folders, tmp_path, c
     """A tokenizer.model folder with added tokens past the SentencePiece model (added_tokens_decoder) and a
     model vocabulary larger still: such ids used to crash decode with an IndexError."""
     path = str(shutil.copytree(folders["llama2_chat"], tmp_path / "extra"))
-    with open(os.path.join(path, "tokenizer_config.json")) as f:
-        cfg = json.load(f)
-    cfg["added_tokens_decoder"].update(added_tokens_decoder({"512": "<|tool|>"}))
-    cfg["added_tokens_decoder"]["513"] = dict(cfg["added_tokens_decoder"]["512"], content="<plain>", special=False)
-    write(path, "tokenizer_config.json", cfg)
+    added = {**read_json(path, "tokenizer_config.json")["added_tokens_decoder"],
+             **added_tokens_decoder({"512": "<|tool|>"})}
+    added["513"] = dict(added["512"], content="<plain>", special=False)
+    edit_json(path, "tokenizer_config.json", added_tokens_decoder=added)
     ours, hf = T.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
     assert ours.vocab_size == 514 == len(hf) and len(ours.token_texts) == 514
     assert ours.token_id("<|tool|>") == 512 and ours.id_to_token(513) == "<plain>"

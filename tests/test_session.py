@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import parallelcomp as pc
+from conftest import edit_json
 from demo.passkey import make_example
 from model import load_model
 from session import CacheError, Document
@@ -84,10 +85,7 @@ def test_a_session_over_a_chat_template_equals_one_shot(tmp_path, bpe_tokenizer_
     path = make_checkpoint(str(tmp_path / "chat"), vocab_size=640, max_position_embeddings=512)
     for name in os.listdir(bpe_tokenizer_dir):
         shutil.copy(os.path.join(bpe_tokenizer_dir, name), path)
-    with open(os.path.join(path, "tokenizer_config.json")) as f:
-        tok_cfg = json.load(f)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({**tok_cfg, "chat_template": LLAMA3_TEMPLATE}, f)
+    edit_json(path, "tokenizer_config.json", chat_template=LLAMA3_TEMPLATE)
     model, tok = load_model(path), load_tokenizer(path)
     context = "The grass is green. The sky is blue. " * 40 + "The code is 4411. " + "The sun is warm. " * 40
     cfg = pc.ParallelCompConfig(chunk_size=100, keep_chunks=1, kv_capacity=50)

@@ -1,7 +1,6 @@
 """tokenizer.py against the reference libraries and `transformers`, on tokenizers built in the test session:
 a Llama-style SentencePiece `tokenizer.model` (conftest.train_sentencepiece) and a Llama 3-style byte-level
 BPE `tokenizer.json` (conftest.train_byte_bpe). BOS / EOS / stop ids must come from the folder's files."""
-import json
 import os
 import random
 import shutil
@@ -15,7 +14,7 @@ import transformers
 
 import model as M
 import tokenizer as T
-from conftest import sample_text
+from conftest import read_json, sample_text, write_json
 
 HANDPICKED = [
     "hello world",
@@ -35,11 +34,6 @@ LEADING_SPACE = [" hello", "  two spaces first", " ", "   "]
 def varied_texts(n: int = 25, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return HANDPICKED + [sample_text(rng, rng.randint(1, 8)) for _ in range(n)]
-
-
-def write_json(folder, name, data):
-    with open(os.path.join(folder, name), "w") as f:
-        json.dump(data, f)
 
 
 def copy_folder(src, dst, **json_files):
@@ -154,8 +148,7 @@ def test_tokenizer_json_decode_round_trips(bpe_tokenizer_dir):
 
 def test_tokenizer_json_special_ids_from_files(bpe_tokenizer_dir):
     ours = T.load_tokenizer(bpe_tokenizer_dir)
-    with open(os.path.join(bpe_tokenizer_dir, "generation_config.json")) as f:
-        eos_list = json.load(f)["eos_token_id"]
+    eos_list = read_json(bpe_tokenizer_dir, "generation_config.json")["eos_token_id"]
     assert len(eos_list) == 2
     assert ours.bos_token == "<|begin_of_text|>" and ours.bos_id == ours.token_id("<|begin_of_text|>")
     assert ours.stop_ids == sorted(eos_list) == sorted([ours.token_id("<|end_of_text|>"),
