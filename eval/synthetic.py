@@ -9,7 +9,8 @@ Each example's record is appended to --out as soon as it is done, keyed by (sett
 rerun skips the keys already there, so a long run can be stopped and resumed. A record holds the prompt's sha256
 (instruction + context + question, the text the model reads; not the prompt itself), the prediction, the score,
 the seconds and `timing`, the load they were measured under (--timing). q numbers the questions of a task with
-several per context (kjv_multi; each is run one-shot over the same context for now). Records written before the
+several per context (kjv_multi); with --session the context is encoded once (session.py) and each question
+runs over it (its seconds are its own; encode_s, the encoding's, is in every record). Records written before the
 hash was added (no prompt_sha256) are regenerated and hashed by `--backfill-hash` (from the record's task,
 length, i and depth: the examples are deterministic); run it only when no job appends to the file.
 `python -m eval.report` makes the tables. Lengths are total prompt tokens in the evaluated model's tokenizer;
@@ -24,7 +25,7 @@ import os
 import sys
 
 from eval.metrics import score_example
-from eval.run import RunError, make_config, predict
+from eval.run import RunError, make_config, predict, predict_in_session
 from eval.tasks import MAX_NEW_TOKENS, TASKS, TaskError, TaskMaker, write_jsonl
 
 
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-capacity", type=int, help="context tokens kept per chunk by KV eviction")
     p.add_argument("--calibration", default="none", help="none | paper | REGION:FIRST-LAST,...")
     p.add_argument("--chunk-batch", type=int, default=1, help="chunks per forward pass (default 1)")
+    p.add_argument("--session", action="store_true", help="a task with several questions per context (kjv_multi): "
+                   "encode the context once (session.py) and answer each question over it")
     p.add_argument("--instruction-at", choices=("header", "first", "question"), default="header",
                    help="where ParallelComp reads the task's instruction (see layout(); default header)")
     args = p.parse_args(argv)
@@ -166,22 +169,33 @@ def run_grid(args, tok, maker, tasks, lengths) -> None:
         for length in lengths:
             for i in range(args.n):
                 ex = maker.make(task, length, i, args.n)
+                doc = None  # with --session: the example's context, encoded at its first question not yet done
                 for q, question in enumerate(questions_of(ex)):
-                    run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done)
+                    doc = run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc)
 
 
-def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done) -> None:
-    """One question of one example, unless its record exists (then its hash must match the regenerated prompt)."""
+def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc=None):
+    """One question of one example, unless its record exists (then its hash must match the regenerated prompt).
+    Returns the example's document session (--session), made here when it is first needed."""
     h = prompt_sha256(ex, question["input"])
     key = (setting, task, length, i, ex["depth"], q)
     if key in done:
         if done[key] not in (None, h):
             raise RunError(f"{args.out} holds {key} for another prompt: the task generator changed; use a new --out")
-        return
+        return doc
     job = {**layout({**ex, "input": question["input"]}, args.instruction_at), "answers": question["answers"],
            "all_classes": None, "letter": None, "max_new_tokens": MAX_NEW_TOKENS[task], "chat_ok": False}
     needle = ex["needles"][q] + len(job["context"]) - len(ex["context"])  # "first" prefixes the context
-    rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, needle)
+    if args.session and args.method == "parallelcomp":
+        if doc is None:
+            from session import Document
+            questions = [layout({**ex, "input": x["input"]}, args.instruction_at)["question"]
+                         for x in questions_of(ex)]
+            doc = Document.encode(model, tok, job["context"], cfg, instruction=job["instruction"],
+                                  questions=questions, max_new_tokens=job["max_new_tokens"])
+        rec = predict_in_session(doc, tok, job, cfg, needle)
+    else:
+        rec = predict(model, tok, job, cfg, args.method, args.full_max_tokens, False, needle)
     rec.update(setting=setting, task=task, target_length=length, i=i, q=q, length=ex["length"],
                depth=ex["depth"], method=args.method, keep_chunks=keep,
                kv_capacity=args.kv_capacity, calibration=args.calibration,
@@ -193,6 +207,7 @@ def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, questi
     print(f"{setting:10s} {task:16s} {length:6d} #{i}.{q} score {rec['score']:.2f} {rec['seconds']:6.1f} s "
           f"{rec['pred'][:50]!r}" + (f" needle chunk rank {rec['needle_rank']}"
                                      if "needle_rank" in rec else ""), file=sys.stderr, flush=True)
+    return doc
 
 
 if __name__ == "__main__":

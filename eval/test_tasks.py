@@ -143,3 +143,22 @@ def test_kjv_multi_runs_every_question_records_hashes_and_resumes(tmp_path):
         f.writelines(json.dumps({k: v for k, v in r.items() if k != "prompt_sha256"}) + "\n" for r in recs)
     assert synthetic.main(["--ckpt", DEMO, "--tasks", "kjv_multi", "--out", out, "--backfill-hash"]) == 0
     assert synthetic.read_records(out) == recs
+
+
+@needs_bible
+def test_kjv_multi_in_a_session_answers_as_one_shot_runs_and_resumes_mid_example(tmp_path):
+    """--session encodes the context once and answers each question over it: the same predictions, chunk scores and
+    needle reports as one-shot runs; a run stopped after two questions resumes with the other two."""
+    base = ["--ckpt", DEMO, "--tasks", "kjv_multi", "--lengths", "1k", "--n", "1", "--chunk-size", "100"]
+    one_shot, session = str(tmp_path / "one.jsonl"), str(tmp_path / "session.jsonl")
+    assert synthetic.main(base + ["--setting", "t", "--out", one_shot]) == 0
+    assert synthetic.main(base + ["--setting", "t", "--out", session, "--session"]) == 0
+    a, b = synthetic.read_records(one_shot), synthetic.read_records(session)
+    same = ("pred", "score", "q", "prompt_sha256", "needle_chunk", "needle_rank", "needle_kept", "chunk_scores")
+    assert [{k: r[k] for k in same} for r in a] == [{k: r[k] for k in same} for r in b]
+    assert all(r["session"] and r["encode_s"] == b[0]["encode_s"] > 0 for r in b) and "session" not in a[0]
+    with open(session, "w") as f:  # stopped after two questions
+        f.writelines(json.dumps(r) + "\n" for r in b[:2])
+    assert synthetic.main(base + ["--setting", "t", "--out", session, "--session"]) == 0
+    resumed = synthetic.read_records(session)
+    assert [r["q"] for r in resumed] == [0, 1, 2, 3] and [r["pred"] for r in resumed] == [r["pred"] for r in b]
