@@ -1,6 +1,7 @@
 """What the CLI (generate.py, and session.py's --questions-file) reads and writes, apart from the method: prompt
 files under one policy for bytes that are not UTF-8, the question taken from the flag or the prompt's last
-paragraph, the device, the progress bar, the streamed answer and the closing stats block."""
+paragraph, the device; the flags' parsing (one-line errors, ranges, the --calibration string); the progress
+bar, the streamed answer, the closing stats block and the --dump file."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ import torch
 
 import parallelcomp as pc
 
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
 
 class UsageError(ValueError):
     """Bad input from the command line or a file; the message says what to do."""
@@ -122,16 +126,55 @@ def check_writable(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Flags
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(kind, ok, rule: str):
+    """An argparse type: a `kind` value for which ok(value) holds, else one line: "must be RULE, got TEXT"."""
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def make_config(args: argparse.Namespace, n_layers: int) -> pc.ParallelCompConfig:
+    """The method's options; a flag left out keeps ParallelCompConfig's default."""
+    names = ("chunk_size", "keep_chunks", "kv_capacity", "window", "calibration_threshold", "chunk_batch")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return pc.ParallelCompConfig(calibration=parse_calibration(args.calibration, n_layers), **given)
+
+
+def parse_calibration(spec: str, n_layers: int) -> list[tuple[str, int, int]]:
+    """'none' | 'paper' | 'middle:1-8,recent:9-16,sink:25-32' (1-based, inclusive layer ranges)."""
+    if spec == "none":
+        return []
+    if spec == "paper":
+        return pc.paper_calibration(n_layers)
+    rules = []
+    for part in spec.split(","):
+        try:
+            region, layers = part.split(":")
+            first, _, last = layers.partition("-")
+            rules.append((region.strip(), int(first), int(last or first)))
+        except ValueError:
+            raise pc.ConfigError(f"calibration rule {part!r} is not REGION:FIRST-LAST (e.g. middle:1-8)") from None
+    return rules
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Output
-
-def write_trace(trace: dict, path: str) -> None:
-    from safetensors.torch import save_file
-    try:
-        save_file(trace, path)
-    except OSError as e:
-        raise UsageError(f"--dump {path}: writing failed ({e.strerror})") from None
-    print(f"trace written to {path}", file=sys.stderr)
-
 
 class Progress:
     """Prefill progress over chunks on stderr: a bar on a terminal, else one line per 10% (for logs)."""
@@ -196,46 +239,10 @@ def print_stats(stats: dict, device: torch.device) -> None:
     print(f"--- {stats['method']} ---\n" + "\n".join(lines), file=sys.stderr)
 
 
-def sampling(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-
-
-def make_config(args: argparse.Namespace, n_layers: int) -> pc.ParallelCompConfig:
-    """The method's options; a flag left out keeps ParallelCompConfig's default."""
-    names = ("chunk_size", "keep_chunks", "kv_capacity", "window", "calibration_threshold", "chunk_batch")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    return pc.ParallelCompConfig(calibration=parse_calibration(args.calibration, n_layers), **given)
-
-
-def parse_calibration(spec: str, n_layers: int) -> list[tuple[str, int, int]]:
-    """'none' | 'paper' | 'middle:1-8,recent:9-16,sink:25-32' (1-based, inclusive layer ranges)."""
-    if spec == "none":
-        return []
-    if spec == "paper":
-        return pc.paper_calibration(n_layers)
-    rules = []
-    for part in spec.split(","):
-        try:
-            region, layers = part.split(":")
-            first, _, last = layers.partition("-")
-            rules.append((region.strip(), int(first), int(last or first)))
-        except ValueError:
-            raise pc.ConfigError(f"calibration rule {part!r} is not REGION:FIRST-LAST (e.g. middle:1-8)") from None
-    return rules
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def number(kind, ok, rule: str):
-    """An argparse type: a `kind` value for which ok(value) holds, else one line: "must be RULE, got TEXT"."""
-    def parse(text: str):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
-    return parse
+def write_trace(trace: dict, path: str) -> None:
+    from safetensors.torch import save_file
+    try:
+        save_file(trace, path)
+    except OSError as e:
+        raise UsageError(f"--dump {path}: writing failed ({e.strerror})") from None
+    print(f"trace written to {path}", file=sys.stderr)
