@@ -83,6 +83,8 @@ def split_question(prompt: str, question: str | None) -> tuple[str, str]:
 def read_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(context, questions) from --prompt-file and --question, --question-file or --questions-file (one question
     per line, blank lines skipped, the same context for every line)."""
+    if sum(x is not None for x in (args.question, args.question_file, args.questions_file)) > 1:
+        raise UsageError("give one of --question, --question-file and --questions-file")
     prompt = read_prompt(args.prompt_file, args.max_prompt_mb)
     check_utf8(args.instruction, "--instruction")
     if args.questions_file:

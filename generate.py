@@ -34,8 +34,6 @@ from tokenizer import TextError, load_tokenizer  # noqa: E402
 def prepare(args: argparse.Namespace, first: bool, rank_device: torch.device | None):
     """Check every input and option, then load the model: (context, questions, config, tokenizer, model, device).
     first: this process writes --dump; rank_device: this rank's device under torchrun."""
-    if sum(x is not None for x in (args.question, args.question_file, args.questions_file)) > 1:
-        raise UsageError("give one of --question, --question-file and --questions-file")
     if args.dump and first:
         check_writable(args.dump)
     context, questions = read_inputs(args)
