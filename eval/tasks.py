@@ -22,7 +22,7 @@ Tasks (`TASKS`):
   vt                       RULER variable tracking: VAR X = N, then 4 hops VAR Y = VAR X; name all 5
   kjv_niah                 niah_single inside the King James Bible (Debian's bible-kjv package prints it)
   kjv_multi                4 key-value needles spread through the King James Bible, one question per needle
-                           (`questions`); for document sessions, run one question at a time for now
+                           (`questions`); for document sessions (eval.synthetic --session)
 Depths are evenly spread over the n examples of a cell (0, 1/(n-1), ..., 1), as InfiniteBench spreads them.
 """
 from __future__ import annotations
@@ -191,7 +191,7 @@ def _vt(rng, depth, hops=4):
 def _kjv_multi(rng, depth, needles=4):
     """Several key-value needles spread through a King James Bible haystack, one question per needle: needle j at
     depth (j + depth) / needles. The example's `questions` lists them; `input`/`answers` are the first. Made for
-    document sessions (one encoding, many questions); until those run here, each question is run one-shot."""
+    document sessions (eval.synthetic --session: one encoding, each question over it; without it, one-shot)."""
     keys = []
     while len(keys) < needles:
         k = _key(rng)
