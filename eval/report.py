@@ -74,11 +74,15 @@ def table(rows: list[dict], settings: list[str] | None = None) -> str:
 
 
 def cell(rs: list[dict]) -> str:
-    """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example."""
+    """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example. Questions asked in
+    a document session (eval.synthetic --session) add the encoding's seconds: '5 s a question + 90 s a document'."""
     total = sum(r["score"] for r in rs)
     lo, hi = wilson(total, len(rs))
     secs = sum(r["seconds"] for r in rs) / len(rs)
-    return f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) {secs:.0f} s"
+    out = f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) {secs:.0f} s"
+    if all(r.get("session") for r in rs):  # every question of a document records that document's encode_s
+        out += f" a question + {sum(r['encode_s'] for r in rs) / len(rs):.0f} s a document"
+    return out
 
 
 def misses(rows: list[dict]) -> str:

@@ -19,3 +19,8 @@ def test_table_reads_old_and_new_records_and_names_the_timing():
     out = report.table(rows)
     assert "| passkey | pc2k | 50% (n=2; 9-91%) 10 s |" in out
     assert "pc2k: not labelled, shared CPU" in out
+
+
+def test_session_cells_add_the_encoding_per_document():
+    rows = [rec(1.0, 5.0, session=True, encode_s=90.0)] * 4 + [rec(0.0, 7.0, session=True, encode_s=110.0)] * 4
+    assert report.cell(rows) == "50% (n=8; 22-78%) 6 s a question + 100 s a document"
