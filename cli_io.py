@@ -148,9 +148,9 @@ def number(kind, ok, rule: str):
 
 
 def make_config(args: argparse.Namespace, n_layers: int) -> pc.ParallelCompConfig:
-    """The method's options; a flag left out keeps ParallelCompConfig's default."""
+    """The method's options; a flag left out (or absent, as in eval/'s parsers) keeps ParallelCompConfig's default."""
     names = ("chunk_size", "keep_chunks", "kv_capacity", "window", "calibration_threshold", "chunk_batch")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return pc.ParallelCompConfig(calibration=parse_calibration(args.calibration, n_layers), **given)
 
 

@@ -232,7 +232,8 @@ def run(ckpt: str, data: str, cells: list[tuple[str, int]], tasks: list[str], n:
     """Round-robin: example i of every task and cell before example i + 1 of any, so a stopped run leaves every
     task with about the same n."""
     import argparse as ap
-    from eval.run import make_config, predict
+    from cli_io import make_config
+    from eval.run import predict
     from model import load_model
     from tokenizer import load_tokenizer
     examples = {(t, length): read_examples(data, length, t) for t in tasks for _, length in cells}

@@ -114,15 +114,6 @@ def needle_report(tok, context: str, needle_char: int, trace: dict) -> dict:
             "chunk_scores": [round(float(x), 3) for x in trace["chunk_scores"]]}
 
 
-def make_config(args, n_layers: int):
-    from cli_io import parse_calibration
-    from parallelcomp import ParallelCompConfig
-    return ParallelCompConfig(chunk_size=args.chunk_size, keep_chunks=args.keep_chunks,
-                              kv_capacity=args.kv_capacity,
-                              calibration=parse_calibration(args.calibration, n_layers),
-                              chunk_batch=args.chunk_batch)
-
-
 def predict(model, tok, job: dict, cfg, method: str, full_max_tokens=None, chat=False, needle=None) -> dict:
     """Run one job; returns the record written to the prediction file (without the score)."""
     from parallelcomp import answer
@@ -193,6 +184,7 @@ def run(args) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.ckpt, device=args.device, dtype=dtype)
     tok = load_tokenizer(args.ckpt)
+    from cli_io import make_config
     cfg = make_config(args, model.args.n_layers)
     os.makedirs(args.out, exist_ok=True)
     files = {}

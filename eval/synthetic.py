@@ -25,7 +25,8 @@ import os
 import sys
 
 from eval.metrics import score_example
-from eval.run import RunError, make_config, predict, predict_in_session
+from cli_io import make_config
+from eval.run import RunError, predict, predict_in_session
 from eval.tasks import MAX_NEW_TOKENS, TASKS, TaskError, TaskMaker, write_jsonl
 
 
