@@ -4,7 +4,9 @@
 # measured under (TIMING; say "quiet" only with nothing else running). Sizing on 2 idle cores (1 thread on a
 # shared CPU: about 1.7x): step 1 about 7.5 CPU-hours (20 examples at 16K ~63 s, 32K ~133 s, 64K ~251 s);
 # step 2 about 2.6 (10 documents x 4 questions at 16K, 32K, 64K: one encoding, about 1.1x one example each
-# at 16K, 4 question passes of ~0.45 s per chunk); step 3 about 10 (20 continuations x 5 lengths x 5 methods).
+# at 16K, 4 question passes of ~0.45 s per chunk); step 3 about 10 (20 continuations x 5 lengths x 5 methods);
+# step 4 (the quiet timing sample) about 0.6 hours on 2 idle cores, which it needs to itself.
+# STEPS="2 4" bash eval/plan_n10.sh runs only those steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${1:-${M:-eval/cache/SmolLM2-135M-Instruct}}
@@ -12,17 +14,28 @@ PY=${PY:-.venv/bin/python}
 TIMING=${TIMING:-shared CPU}
 export OMP_WAIT_POLICY=PASSIVE
 run() { "$PY" -m eval.synthetic --ckpt "$M" --timing "$TIMING" "$@"; }
+STEPS=${STEPS:-1 2 3 4}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 # 1. ParallelComp (2K chunks, 1 kept) on the passkey and the King James Bible needle, 10 depths per cell
-for L in 16k 32k 64k; do
+step 1 && for L in 16k 32k 64k; do
   run --setting pc2k --chunk-size 2000 --tasks passkey,kjv_niah --lengths $L --n 10 --out eval/results/smollm2_n10.jsonl
 done
 # 2. several questions per context (4 needles in the Bible, one question each) in a document session: the
 #    context encoded once, each question over it (the same answers as one-shot runs, tested)
-for L in 16k 32k 64k; do
+step 2 && for L in 16k 32k 64k; do
   run --setting pc2k --chunk-size 2000 --tasks kjv_multi --lengths $L --n 10 --session --out eval/results/smollm2_n10.jsonl
 done
 # 3. perplexity by context length (--n 19: its starts include the committed --n 10 run's), the fair protocol (query-selected chunks against last-k, random-k, full
 #    attention; the oracle as an upper bound)
-"$PY" -m eval.perplexity --ckpt "$M" --lengths 2k,4k,8k,16k,32k --n 19 --full-limit 16k \
+step 3 && "$PY" -m eval.perplexity --ckpt "$M" --lengths 2k,4k,8k,16k,32k --n 19 --full-limit 16k \
   --out eval/results/perplexity_smollm2.jsonl
-"$PY" -m eval.report eval/results/smollm2_n10.jsonl
+# 4. quiet seconds: two examples of each passkey / kjv_niah cell (depths 0.22 and 0.78) and one kjv_multi document
+#    at 16K rerun on 2 idle cores (both threads; start it with nothing else running), into a file of their own;
+#    eval.report takes their seconds for those cells and checks their predictions against step 1's and 2's
+Q=eval/results/smollm2_quiet.jsonl
+step 4 && for L in 16k 32k 64k; do
+  run --setting pc2k --chunk-size 2000 --tasks passkey,kjv_niah --lengths $L --n 10 --examples 2,7 --timing quiet --out $Q
+done
+step 4 && run --setting pc2k --chunk-size 2000 --tasks kjv_multi --lengths 16k --n 10 --examples 0 --session \
+  --timing quiet --out $Q
+"$PY" -m eval.report eval/results/smollm2_n10.jsonl $([ -f $Q ] && echo --seconds $Q)

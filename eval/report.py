@@ -1,11 +1,14 @@
 """Markdown tables from eval.synthetic result files.
 
-    python -m eval.report eval/runs/results.jsonl [--settings pc2k,full]
+    python -m eval.report eval/runs/results.jsonl [--settings pc2k,full] [--seconds SAMPLE.jsonl]
 
 One row per (task, setting), one column per length: mean score, n (examples; questions for a task with several
-per context) and its 95% Wilson interval, then seconds per example. Under the table: the load each setting's
-seconds were measured under (the records' `timing`; records without one are "not labelled"), so that seconds
-from a shared CPU are not read as quiet timings. Below it, where ParallelComp missed: how many misses had the
+per context) and its 95% Wilson interval, then seconds per example: the mean over the cell's records measured
+"quiet" (nothing else running) where it has any, marked "(quiet, n=k)", else over all its records. --seconds
+adds a timing sample: reruns of some examples (eval.synthetic --examples --timing quiet) whose seconds count for
+their cells and whose prompts and predictions are checked against the results'. Under the table: the load each
+setting's seconds were measured under (the records' `timing`; records without one are "not labelled"), so that
+seconds from a shared CPU are not read as quiet timings. Below it, where ParallelComp missed: how many misses had the
 needle's chunk dropped (a ranking error) and how many kept it and still answered wrong (a reading error).
 Records with and without prompt_sha256 (written before it was added) read the same.
 """
@@ -43,11 +46,30 @@ def fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def table(rows: list[dict], settings: list[str] | None = None) -> str:
-    cells = defaultdict(list)
+def key(r: dict) -> tuple:
+    return r["setting"], r["task"], r["target_length"], r["i"], r["depth"], r.get("q", 0)
+
+
+def check_sample(rows: list[dict], sample: list[dict]) -> str:
+    """One line on the timing sample: does each rerun have its result's prompt and prediction?"""
+    by_key = {key(r): r for r in rows}
+    missing = [key(r) for r in sample if key(r) not in by_key]
+    differ = [key(r) for r in sample if key(r) in by_key and
+              (r.get("prompt_sha256"), r["pred"]) != (by_key[key(r)].get("prompt_sha256"), by_key[key(r)]["pred"])]
+    out = f"Timing sample: {len(sample)} reruns"
+    out += ", every one with its result's prompt and prediction" if not (missing or differ) else ""
+    out += f"; not in the results: {missing}" if missing else ""
+    return out + (f"; another prompt or prediction than the result's: {differ}" if differ else "")
+
+
+def table(rows: list[dict], settings: list[str] | None = None, sample: list[dict] = ()) -> str:
+    cells, quiet = defaultdict(list), defaultdict(list)
     for r in rows:
         if settings is None or r["setting"] in settings:
             cells[(r["task"], r["setting"], r["target_length"])].append(r)
+    for r in [*rows, *sample]:
+        if r.get("timing") == "quiet":
+            quiet[(r["task"], r["setting"], r["target_length"])].append(r)
     if not cells:
         return "(no results)"
     lengths = sorted({k[2] for k in cells})
@@ -62,27 +84,29 @@ def table(rows: list[dict], settings: list[str] | None = None) -> str:
             if not rs:
                 row.append("")
                 continue
-            row.append(cell(rs))
+            row.append(cell(rs, quiet.get((task, setting, n))))
         out.append(f"| {task} | {setting} | " + " | ".join(row) + " |")
     timing = defaultdict(set)
-    for rs in cells.values():
-        for r in rs:
+    for k, rs in cells.items():
+        for r in quiet.get(k) or rs:
             timing[r["setting"]].add(r.get("timing", "not labelled"))
     out.append("")
     out.append("Seconds measured under: " + "; ".join(f"{s}: {', '.join(sorted(t))}" for s, t in sorted(timing.items())))
     return "\n".join(out)
 
 
-def cell(rs: list[dict]) -> str:
-    """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example. Questions asked in
-    a document session (eval.synthetic --session) add the encoding's seconds: '5 s a question + 90 s a document'."""
+def cell(rs: list[dict], quiet: list[dict] | None = None) -> str:
+    """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example; from `quiet`
+    records when given: '... 63 s (quiet, n=2)'. Questions asked in a document session (eval.synthetic
+    --session) add the encoding's seconds: '5 s a question + 90 s a document'."""
     total = sum(r["score"] for r in rs)
     lo, hi = wilson(total, len(rs))
-    secs = sum(r["seconds"] for r in rs) / len(rs)
-    out = f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) {secs:.0f} s"
-    if all(r.get("session") for r in rs):  # every question of a document records that document's encode_s
-        out += f" a question + {sum(r['encode_s'] for r in rs) / len(rs):.0f} s a document"
-    return out
+    ts = quiet or rs
+    out = f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) "
+    out += f"{sum(r['seconds'] for r in ts) / len(ts):.0f} s"
+    if all(r.get("session") for r in ts):  # every question of a document records that document's encode_s
+        out += f" a question + {sum(r['encode_s'] for r in ts) / len(ts):.0f} s a document"
+    return out + (f" (quiet, n={len(ts)})" if quiet else "")
 
 
 def misses(rows: list[dict]) -> str:
@@ -105,14 +129,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Markdown tables from eval.synthetic results.")
     p.add_argument("results", nargs="+", help="results JSONL files")
     p.add_argument("--settings", help="comma-separated settings to show, in this order (default: all)")
+    p.add_argument("--seconds", nargs="+", default=[], metavar="SAMPLE", help="timing samples: reruns of some "
+                   "examples whose quiet seconds stand for their cells")
     args = p.parse_args(argv)
     try:
-        rows = load(args.results)
+        rows, sample = load(args.results), load(args.seconds)
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     settings = args.settings.split(",") if args.settings else None
-    print(table(rows, settings))
+    print(table(rows, settings, sample))
+    if sample:
+        print(check_sample(rows, sample))
     print()
     print(misses([r for r in rows if settings is None or r["setting"] in settings]))
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -100,6 +101,18 @@ def to_prompt(ex: dict, dataset: str, benchmark: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # Running the model
+
+
+def core_version() -> str:
+    """The commit of the code that runs, recorded with results: "+changes" when a .py file differs from it,
+    "unknown" outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout
+        head, changed = git("rev-parse", "--short=12", "HEAD").strip(), git("status", "--porcelain", "--", "*.py")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if changed.strip() else "")
 
 
 def needle_report(tok, context: str, needle_char: int, trace: dict) -> dict:

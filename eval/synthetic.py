@@ -8,9 +8,11 @@
 Each example's record is appended to --out as soon as it is done, keyed by (setting, task, length, i, depth, q); a
 rerun skips the keys already there, so a long run can be stopped and resumed. A record holds the prompt's sha256
 (instruction + context + question, the text the model reads; not the prompt itself), the prediction, the score,
-the seconds and `timing`, the load they were measured under (--timing). q numbers the questions of a task with
+the seconds, `timing`, the load they were measured under (--timing), and `core`, the commit of the code that ran
+(eval.run.core_version). q numbers the questions of a task with
 several per context (kjv_multi); with --session the context is encoded once (session.py) and each question
-runs over it (its seconds are its own; encode_s, the encoding's, is in every record). Records written before the
+runs over it (its seconds are its own; encode_s, the encoding's, is in every record). --examples runs only some
+of each cell's n examples (same depths): a timing sample, e.g. rerun on idle cores into another file. Records written before the
 hash was added (no prompt_sha256) are regenerated and hashed by `--backfill-hash` (from the record's task,
 length, i and depth: the examples are deterministic); run it only when no job appends to the file.
 `python -m eval.report` makes the tables. Lengths are total prompt tokens in the evaluated model's tokenizer;
@@ -47,6 +49,18 @@ def parse_tasks(spec: str) -> list[str]:
     if unknown or not tasks:
         raise RunError(f"unknown task(s) {', '.join(unknown) or '(none)'}; tasks: {', '.join(TASKS)}")
     return tasks
+
+
+def parse_examples(spec: str | None, n: int) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    try:
+        out = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise RunError(f"--examples {spec!r} is not a comma-separated list of example indices such as 0,5") from None
+    if not out or out[0] < 0 or out[-1] >= n:
+        raise RunError(f"--examples {spec!r}: indices run from 0 to --n minus 1 ({n - 1})")
+    return out
 
 
 def record_key(r: dict) -> tuple:
@@ -99,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="passkey", help=f"comma-separated, from: {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4k", help="comma-separated prompt lengths in tokens (4k = 4096)")
     p.add_argument("--n", type=int, default=3, help="examples per cell, needles at evenly spread depths (3)")
+    p.add_argument("--examples", help="comma-separated example indices of each cell to run (default: all n)")
     p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
     p.add_argument("--setting", default="", help="label of this setting in the results (default: from flags)")
     p.add_argument("--out", help="results JSONL to append to")
@@ -124,6 +139,7 @@ def main(argv=None) -> int:
         tasks, lengths = parse_tasks(args.tasks), parse_lengths(args.lengths)
         if args.n < 1:
             raise RunError(f"--n must be at least 1, got {args.n}")
+        args.examples = parse_examples(args.examples, args.n)
         if not (args.out or args.write):
             raise RunError("give --out (run) or --write (only write the examples)")
         from tokenizer import load_tokenizer
@@ -161,21 +177,23 @@ def layout(ex: dict, instruction_at: str) -> dict:
 def run_grid(args, tok, maker, tasks, lengths) -> None:
     from model import load_model
     setting = args.setting or (args.method if args.method == "full" else f"pc{args.chunk_size or 'auto'}")
-    done = done_keys(args.out)
+    from eval.run import core_version
+    done, core = done_keys(args.out), core_version()
     model = load_model(args.ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for task in tasks:
         keep = args.keep_chunks or (3 if task in ("niah_multivalue", "niah_multiquery", "vt") else 1)
         cfg = make_config(argparse.Namespace(**{**vars(args), "keep_chunks": keep}), model.args.n_layers)
         for length in lengths:
-            for i in range(args.n):
+            for i in args.examples:
                 ex = maker.make(task, length, i, args.n)
                 doc = None  # with --session: the example's context, encoded at its first question not yet done
                 for q, question in enumerate(questions_of(ex)):
-                    doc = run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc)
+                    doc = run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc,
+                                  core)
 
 
-def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc=None):
+def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, question, done, doc=None, core=None):
     """One question of one example, unless its record exists (then its hash must match the regenerated prompt).
     Returns the example's document session (--session), made here when it is first needed."""
     h = prompt_sha256(ex, question["input"])
@@ -201,7 +219,7 @@ def run_one(args, model, tok, cfg, setting, task, length, i, keep, ex, q, questi
                depth=ex["depth"], method=args.method, keep_chunks=keep,
                kv_capacity=args.kv_capacity, calibration=args.calibration,
                full_max_tokens=args.full_max_tokens, instruction_at=args.instruction_at, seed=args.seed,
-               prompt_sha256=h, timing=args.timing,
+               prompt_sha256=h, timing=args.timing, core=core,
                score=score_example(task, rec["pred"], question["answers"], benchmark="synthetic"))
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")

@@ -24,3 +24,17 @@ def test_table_reads_old_and_new_records_and_names_the_timing():
 def test_session_cells_add_the_encoding_per_document():
     rows = [rec(1.0, 5.0, session=True, encode_s=90.0)] * 4 + [rec(0.0, 7.0, session=True, encode_s=110.0)] * 4
     assert report.cell(rows) == "50% (n=8; 22-78%) 6 s a question + 100 s a document"
+
+
+def test_quiet_records_give_the_seconds_and_the_sample_is_checked():
+    rows = [rec(1.0, 100.0, i=i, depth=i / 3, timing="shared CPU", pred="7", prompt_sha256="a") for i in range(4)]
+    sample = [{**rows[1], "seconds": 60.0, "timing": "quiet"}, {**rows[3], "seconds": 64.0, "timing": "quiet"}]
+    out = report.table(rows, sample=sample)
+    assert "| passkey | pc2k | 100% (n=4; 51-100%) 62 s (quiet, n=2) |" in out and "pc2k: quiet" in out
+    assert report.table(rows).count("100 s |") == 1  # without the sample: every record's seconds, no "quiet"
+    assert report.check_sample(rows, sample) == ("Timing sample: 2 reruns, every one with its result's prompt "
+                                                 "and prediction")
+    other = {**sample[0], "pred": "8"}
+    assert "another prompt or prediction than the result's: [('pc2k', 'passkey', 16384, 1, " in \
+        report.check_sample(rows, [other])
+    assert "not in the results" in report.check_sample(rows, [{**sample[0], "i": 9}])

@@ -9,6 +9,7 @@ import pytest
 
 from eval import synthetic
 from eval.metrics import score_example
+from eval.run import core_version
 from eval.tasks import TASKS, TaskError, TaskMaker
 from tokenizer import load_tokenizer
 
@@ -136,6 +137,7 @@ def test_kjv_multi_runs_every_question_records_hashes_and_resumes(tmp_path):
     assert [r["answers"] for r in recs] == [q["answers"] for q in ex["questions"]]
     assert [r["prompt_sha256"] for r in recs] == [synthetic.prompt_sha256(ex, q["input"]) for q in ex["questions"]]
     assert len(set(r["prompt_sha256"] for r in recs)) == 4 and all(r["timing"] == "shared CPU" for r in recs)
+    assert recs[0]["core"] == core_version() != "unknown"
     assert {r["needle_chunk"] for r in recs} != {recs[0]["needle_chunk"]}  # the needles lie in different chunks
     assert synthetic.main(argv) == 0 and synthetic.read_records(out) == recs  # resumed: nothing re-run
     # records from before the hash: backfilled from the regenerated examples, exactly
@@ -162,3 +164,14 @@ def test_kjv_multi_in_a_session_answers_as_one_shot_runs_and_resumes_mid_example
     assert synthetic.main(base + ["--setting", "t", "--out", session, "--session"]) == 0
     resumed = synthetic.read_records(session)
     assert [r["q"] for r in resumed] == [0, 1, 2, 3] and [r["pred"] for r in resumed] == [r["pred"] for r in b]
+
+
+def test_examples_runs_only_those_indices_at_the_depths_of_n(tmp_path):
+    out = str(tmp_path / "r.jsonl")
+    base = ["--ckpt", DEMO, "--tasks", "passkey", "--lengths", "600", "--n", "4", "--chunk-size", "200",
+            "--setting", "t", "--out", out]
+    assert synthetic.main(base + ["--examples", "3,1"]) == 0
+    recs = synthetic.read_records(out)
+    assert [(r["i"], r["depth"]) for r in recs] == [(1, 1 / 3), (3, 1.0)]
+    for bad in ("4", "-1", "a", ""):
+        assert synthetic.main(base + ["--examples", bad]) == 1
