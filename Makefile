@@ -23,10 +23,11 @@ test: .venv/done model
 eval-deps:
 	command -v bible >/dev/null || (apt-get update -q && apt-get install -y -q bible-kjv)
 
-# the README's SmolLM2 tables: runs eval/plan.sh (steps 1-6 about 115 minutes on 2 idle CPU cores, step 7 about 30 more; resumable), then the report
+# the README's first SmolLM2 grid (full attention, 128K, chunk size, ...): eval/plan.sh, about 60 minutes on 2 idle
+# CPU cores (seconds labelled quiet: run nothing beside it); resumable, results in eval/results/
 eval-real: model eval-deps
 	bash eval/plan.sh $(SMOLLM2)
-	$(PY) -m eval.report eval/runs/results.jsonl
+	$(PY) -m eval.report eval/results/smollm2_grid.jsonl
 
 # a passkey in a 32K-token haystack with SmolLM2, and full attention failing at 16K (about 3.5 minutes on 2 busy cores)
 demo-real: model
@@ -48,7 +49,7 @@ $(RULER_VENV)/done: eval/requirements-ruler.txt
 ruler-deps: $(RULER_VENV)/done
 
 # official RULER (13 tasks): ParallelComp at 16K, full attention at 4K, 5 examples per task (about 2.7 CPU-hours
-# at 1 thread; resumable; N=10 make eval-ruler for more)
+# at 1 thread; resumable; N=10 make eval-ruler for more; QUIET=1 make eval-ruler adds the quiet timing sample)
 eval-ruler: model ruler-deps
 	bash eval/plan_ruler.sh
 

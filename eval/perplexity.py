@@ -25,7 +25,7 @@ budget of k chunks (--keep-chunks, 3) of at most --chunk-size tokens:
     oracle     chunks ranked by the NLL of query + scored tokens: the selection saw the tokens it is scored on,
                an upper bound for selection, not a result (what this file measured before)
 
-One JSON line per (method, N, at_j), appended as it is done; a rerun skips those already there (resumable). The
+One JSON line per (method, N, at_j) with `core`, the commit that ran it, appended as it is done; a rerun skips those already there (resumable). The
 starts of --n 2m-1 include those of --n m, so a run can be extended: --n 19 adds 9 continuations to --n 10.
 `--report` prints perplexity per (method, N) = exp(mean NLL over the n continuations), with a 95% interval from
 the spread of the per-continuation NLLs (normal approximation), and the paired NLL difference of pc-query against
@@ -200,13 +200,14 @@ def main(argv=None) -> int:
         model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
         ids = torch.tensor(tok.encode(kjv_text()), dtype=torch.long)
         starts = positions_of(args.at, max(lengths), args.query, args.cont, len(ids), args.n)
-        done = {(r["method"], r["n"], r["at"]) for r in read_records(args.out)}
+        from eval.run import core_version
+        done, core = {(r["method"], r["n"], r["at"]) for r in read_records(args.out)}, core_version()
         for j, at in enumerate(starts):  # continuation-major: a stopped run has every length at about the same n
             for n in lengths:
                 todo = [m for m in methods if (m, n, at) not in done and not (m == "full" and n > full_limit)]
                 for method, measured in run_methods(todo, model, tok, ids, at, n, j, args).items():
                     rec = {"method": method, "n": n, "j": j, "at": at, "query": args.query, "cont": args.cont,
-                           "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks, **measured}
+                           "chunk_size": args.chunk_size, "keep_chunks": args.keep_chunks, "core": core, **measured}
                     rec["ppl"] = math.exp(rec["nll"])
                     if args.out:
                         with open(args.out, "a", encoding="utf-8") as f:

@@ -16,4 +16,11 @@ export OMP_WAIT_POLICY=PASSIVE
 "$PY" -m eval.ruler generate --ckpt "$M" --lengths 4k,16k --n 10 --data eval/runs/ruler
 "$PY" -m eval.ruler run --ckpt "$M" --data eval/runs/ruler --cells pc2k:16k,full:4k --n "$N" --out "$OUT" \
   --timing "$TIMING"
-"$PY" -m eval.ruler report "$OUT"
+# quiet seconds (QUIET=1, with nothing else running): example 0 of every task in both cells rerun on 2 idle cores
+# into a file of their own (about 15 minutes); the report takes the columns' seconds from it and checks that its
+# predictions equal the run's
+Q=${Q:-eval/results/ruler_quiet.jsonl}
+if [ -n "${QUIET:-}" ]; then
+  "$PY" -m eval.ruler run --ckpt "$M" --data eval/runs/ruler --cells pc2k:16k,full:4k --n 1 --out "$Q" --timing quiet
+fi
+"$PY" -m eval.ruler report "$OUT" $([ -f "$Q" ] && echo --seconds "$Q")

@@ -98,11 +98,19 @@ def table(rows: list[dict], settings: list[str] | None = None, sample: list[dict
 def cell(rs: list[dict], quiet: list[dict] | None = None) -> str:
     """'100% (n=10; 72-100%) 70 s': mean score, n, 95% Wilson interval, seconds per example; from `quiet`
     records when given: '... 63 s (quiet, n=2)'. Questions asked in a document session (eval.synthetic
-    --session) add the encoding's seconds: '5 s a question + 90 s a document'."""
+    --session) add the documents whose every question was answered right, with their interval (a document's
+    questions are not independent) and the encoding's seconds: '5 s a question + 90 s a document'."""
     total = sum(r["score"] for r in rs)
     lo, hi = wilson(total, len(rs))
     ts = quiet or rs
     out = f"{100 * total / len(rs):.0f}% (n={len(rs)}; {100 * lo:.0f}-{100 * hi:.0f}%) "
+    if all(r.get("session") for r in rs):  # a document's questions share a haystack: count documents too
+        docs = defaultdict(list)
+        for r in rs:
+            docs[(r["i"], r["depth"])].append(r["score"])
+        right = sum(all(x == 1 for x in d) for d in docs.values())
+        dlo, dhi = wilson(right, len(docs))
+        out += f"[documents all right: {right}/{len(docs)}; {100 * dlo:.0f}-{100 * dhi:.0f}%] "
     out += f"{sum(r['seconds'] for r in ts) / len(ts):.0f} s"
     if all(r.get("session") for r in ts):  # every question of a document records that document's encode_s
         out += f" a question + {sum(r['encode_s'] for r in ts) / len(ts):.0f} s a document"

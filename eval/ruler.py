@@ -240,7 +240,8 @@ def run(ckpt: str, data: str, cells: list[tuple[str, int]], tasks: list[str], n:
     short = [f"{t} {length}" for (t, length), exs in examples.items() if len(exs) < n]
     if short:
         raise RulerError(f"fewer than {n} generated examples for {', '.join(short)}: generate with a larger --n")
-    done = done_records(out)
+    from eval.run import core_version
+    done, core = done_records(out), core_version()
     tok, model = load_tokenizer(ckpt), load_model(ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for i in range(n):
@@ -265,7 +266,7 @@ def run(ckpt: str, data: str, cells: list[tuple[str, int]], tasks: list[str], n:
                 rec = predict(model, tok, job, cfg, s["method"])
                 rec.update(benchmark="ruler", setting=setting, task=task, target_length=length, i=i,
                            index=ex["index"], ruler_length=ex["length"], prompt_sha256=h, method=s["method"],
-                           keep_chunks=k if s["method"] == "parallelcomp" else None, timing=timing,
+                           keep_chunks=k if s["method"] == "parallelcomp" else None, timing=timing, core=core,
                            outputs=ex["outputs"], score=score(task, rec["pred"], ex["outputs"]))
                 del rec["answers"], rec["all_classes"]
                 with open(out, "a", encoding="utf-8") as f:
@@ -274,8 +275,10 @@ def run(ckpt: str, data: str, cells: list[tuple[str, int]], tasks: list[str], n:
                       f"{rec['pred'][:60]!r}", file=sys.stderr, flush=True)
 
 
-def report(rows: list[dict]) -> str:
-    """One row per task, one column per (setting, length): mean score with n and a 95% Wilson interval."""
+def report(rows: list[dict], sample: list[dict] = ()) -> str:
+    """One row per task, one column per (setting, length): mean score with n and a 95% Wilson interval. Seconds
+    per example come from the quiet records (nothing else running) where a column has any: its own, or a timing
+    sample's (reruns of some examples, checked to have the same prompts and predictions)."""
     from eval.report import wilson
     cells = sorted({(r["setting"], r["target_length"]) for r in rows}, key=lambda c: (c[1], c[0]))
     by = {}
@@ -301,8 +304,15 @@ def report(rows: list[dict]) -> str:
     secs = []
     for c in cells:
         rs = [r for r in rows if (r["setting"], r["target_length"]) == c]
-        secs.append(f"{sum(r['seconds'] for r in rs) / len(rs):.0f} s ({', '.join(sorted({r['timing'] for r in rs}))})")
+        rs = [r for r in [*rs, *sample] if r["timing"] == "quiet" and (r["setting"], r["target_length"]) == c] or rs
+        secs.append(f"{sum(r['seconds'] for r in rs) / len(rs):.0f} s ({', '.join(sorted({r['timing'] for r in rs}))}"
+                    f"{f', n={len(rs)}' if rs[0]['timing'] == 'quiet' else ''})")
     out.append("| seconds per example | " + " | ".join(secs) + " |")
+    if sample:
+        key = lambda r: (r["setting"], r["task"], r["target_length"], r["i"])
+        by_key = {key(r): (r["prompt_sha256"], r["pred"]) for r in rows}
+        same = sum(by_key.get(key(r)) == (r["prompt_sha256"], r["pred"]) for r in sample)
+        out.append(f"\nTiming sample: {len(sample)} reruns, {same} with the same prompt and prediction as the results'")
     return "\n".join(out)
 
 
@@ -328,6 +338,8 @@ def main(argv=None) -> int:
                                                          "with nothing else running)")
     rp = sub.add_parser("report", help="markdown table of a results file")
     rp.add_argument("results", nargs="+", help="results JSONL files")
+    rp.add_argument("--seconds", nargs="+", default=[], metavar="SAMPLE", help="timing samples: reruns of some "
+                    "examples whose quiet seconds stand for their columns")
     pk = sub.add_parser("punkt", help="(internal, RULER venv) write NLTK's punkt_tab English model to DIR")
     pk.add_argument("dir")
     args = p.parse_args(argv)
@@ -336,11 +348,9 @@ def main(argv=None) -> int:
             print(write_punkt_tab(args.dir))
             return 0
         if args.cmd == "report":
-            rows = []
-            for path in args.results:
-                with open(path, encoding="utf-8") as f:
-                    rows += [json.loads(line) for line in f if line.strip()]
-            print(report(rows) if rows else "(no results)")
+            from eval.report import load
+            rows = load(args.results)
+            print(report(rows, load(args.seconds)) if rows else "(no results)")
             return 0
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in TASK_FAMILY]

@@ -22,8 +22,12 @@ def test_table_reads_old_and_new_records_and_names_the_timing():
 
 
 def test_session_cells_add_the_encoding_per_document():
-    rows = [rec(1.0, 5.0, session=True, encode_s=90.0)] * 4 + [rec(0.0, 7.0, session=True, encode_s=110.0)] * 4
-    assert report.cell(rows) == "50% (n=8; 22-78%) 6 s a question + 100 s a document"
+    rows = [rec(1.0, 5.0, session=True, encode_s=90.0, i=0, depth=0.0)] * 4 + \
+        [rec(0.0, 7.0, session=True, encode_s=110.0, i=1, depth=1.0)] * 4
+    assert report.cell(rows) == ("50% (n=8; 22-78%) [documents all right: 1/2; 9-91%] 6 s a question + 100 s a "
+                                 "document")
+    rows[1] = {**rows[1], "score": 0.0}  # one miss in the first document: no document is all right
+    assert report.cell(rows).startswith("38% (n=8; 14-69%) [documents all right: 0/2; 0-66%]")
 
 
 def test_quiet_records_give_the_seconds_and_the_sample_is_checked():

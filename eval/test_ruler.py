@@ -160,3 +160,18 @@ def test_run_records_hashes_resumes_and_refuses_changed_data(tmp_path, monkeypat
     (data / "200" / "qa_1" / "validation.jsonl").write_text(json.dumps(
         {"index": 0, "input": QA[0] + "Document 1:\nother" + QA[2], "outputs": ["x"], "length": 99}) + "\n")
     assert ruler.main(argv) == 1  # the data changed under the results: refused
+
+
+def test_report_takes_the_seconds_of_quiet_records_and_checks_the_sample():
+    def rec(task, setting, length, seconds, timing="shared CPU", pred="1", i=0):
+        return {"task": task, "setting": setting, "target_length": length, "i": i, "score": 1.0, "pred": pred,
+                "seconds": seconds, "timing": timing, "prompt_sha256": task + str(i)}
+    rows = [rec(t, s, n, 100.0, i=i) for t in ("niah_single_1", "vt") for s, n in (("full", 4096), ("pc2k", 16384))
+            for i in range(2)]
+    sample = [{**rows[2], "seconds": 40.0, "timing": "quiet"}, {**rows[6], "seconds": 50.0, "timing": "quiet",
+                                                                  "pred": "2"}]
+    out = ruler.report(rows, sample)
+    assert "| seconds per example | 100 s (shared CPU) | 45 s (quiet, n=2) |" in out
+    assert "Timing sample: 2 reruns, 1 with the same prompt and prediction as the results'" in out
+    assert "| niah_single_1 | 100 (n=2; 34-100) | 100 (n=2; 34-100) |" in out  # the sample adds no example
+    assert "100 s (shared CPU) | 100 s (shared CPU) |" in ruler.report(rows)
