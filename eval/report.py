@@ -67,7 +67,8 @@ def table(rows: list[dict], settings: list[str] | None = None, sample: list[dict
     for r in rows:
         if settings is None or r["setting"] in settings:
             cells[(r["task"], r["setting"], r["target_length"])].append(r)
-    for r in [*rows, *sample]:
+    timed = {key(r) for r in rows if r.get("timing") == "quiet"}  # a sample's rerun of these adds no example
+    for r in [*rows, *(r for r in sample if key(r) not in timed)]:
         if r.get("timing") == "quiet":
             quiet[(r["task"], r["setting"], r["target_length"])].append(r)
     if not cells:

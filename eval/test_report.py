@@ -36,6 +36,8 @@ def test_quiet_records_give_the_seconds_and_the_sample_is_checked():
     out = report.table(rows, sample=sample)
     assert "| passkey | pc2k | 100% (n=4; 51-100%) 62 s (quiet, n=2) |" in out and "pc2k: quiet" in out
     assert report.table(rows).count("100 s |") == 1  # without the sample: every record's seconds, no "quiet"
+    rows[1] = {**rows[1], "seconds": 50.0, "timing": "quiet"}  # a quiet result and its rerun: one example, once
+    assert "| 100% (n=4; 51-100%) 57 s (quiet, n=2) |" in report.table(rows, sample=sample)
     assert report.check_sample(rows, sample) == ("Timing sample: 2 reruns, every one with its result's prompt "
                                                  "and prediction")
     other = {**sample[0], "pred": "8"}
