@@ -23,7 +23,7 @@ test: .venv/done model
 eval-deps:
 	command -v bible >/dev/null || (apt-get update -q && apt-get install -y -q bible-kjv)
 
-# the README's first SmolLM2 grid (full attention, 128K, chunk size, ...): eval/plan.sh, about 60 minutes on 2 idle
+# the README's first SmolLM2 grid (full attention, 128K, chunk size, ...): eval/plan.sh, about 32 minutes on 2 idle
 # CPU cores (seconds labelled quiet: run nothing beside it); resumable, results in eval/results/
 eval-real: model eval-deps
 	bash eval/plan.sh $(SMOLLM2)

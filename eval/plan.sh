@@ -3,7 +3,7 @@
 # (plan_ruler.sh) do not cover: full attention inside and past the model's 8,192-token window, 128K, chunk
 # size, KV eviction, calibration, where the instruction goes, InfiniteBench's other retrieval tasks. n = 1-3 per
 # cell: indications. Most important first; each step appends to eval/results/smollm2_grid.jsonl and a rerun skips
-# what is there. About 60 minutes on 2 idle cores; its seconds are labelled "quiet" (TIMING), so run it with
+# what is there. About 32 minutes on 2 idle cores; its seconds are labelled "quiet" (TIMING), so run it with
 # nothing else running, or say TIMING="shared CPU". `python -m eval.report eval/results/smollm2_grid.jsonl`
 # prints the table at any point. (RULER's needle and variable-tracking tasks, which this grid once generated,
 # are official RULER's now: plan_ruler.sh.)

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Issue 20's SmolLM2 evidence at n >= 10 (make eval-n10), most important first; every step appends to a results
 # file under eval/results/ (committed) and a rerun skips what is there. Seconds are labelled with the load they were
-# measured under (TIMING; say "quiet" only with nothing else running). Sizing on 2 idle cores (1 thread on a
-# shared CPU: about 1.7x): step 1 about 7.5 CPU-hours (20 examples at 16K ~63 s, 32K ~133 s, 64K ~251 s);
-# step 2 about 2.6 (10 documents x 4 questions at 16K, 32K, 64K: one encoding, about 1.1x one example each
-# at 16K, 4 question passes of ~0.45 s per chunk); step 3 about 10 (20 continuations x 5 lengths x 5 methods);
-# step 4 (the quiet timing sample) about 0.6 hours on 2 idle cores, which it needs to itself.
+# measured under (TIMING; say "quiet" only with nothing else running). Sizing on 2 idle cores (measured; 1 thread
+# on a shared CPU takes 2-3x): step 1 about 78 minutes (one example at 16K ~32 s, 32K ~70 s, 64K ~130 s); step 2
+# about 47 (a document's encoding ~34 / 63 / 126 s, then 4 questions of 3 / 4 / 8 s); step 3 about 10 CPU-hours
+# (20 continuations x 5 lengths x 5 methods); step 4 (the quiet timing sample) about 16 minutes.
 # STEPS="2 4" bash eval/plan_n10.sh runs only those steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
