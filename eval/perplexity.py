@@ -25,8 +25,9 @@ budget of k chunks (--keep-chunks, 3) of at most --chunk-size tokens:
     oracle     chunks ranked by the NLL of query + scored tokens: the selection saw the tokens it is scored on,
                an upper bound for selection, not a result (what this file measured before)
 
-One JSON line per (method, N, at_j) with `core`, the commit that ran it, appended as it is done; a rerun skips those already there (resumable). The
-starts of --n 2m-1 include those of --n m, so a run can be extended: --n 19 adds 9 continuations to --n 10.
+One JSON line per (method, N, at_j) with `core`, the commit that ran it, appended as it is done; a rerun skips
+those already there (resumable). The starts of --n 2m-1 include those of --n m, so a run can be extended: --n 19
+adds 9 continuations to --n 10.
 `--report` prints perplexity per (method, N) = exp(mean NLL over the n continuations), with a 95% interval from
 the spread of the per-continuation NLLs (normal approximation), and the paired NLL difference of pc-query against
 last-k and random-k.

@@ -1,6 +1,6 @@
 """Markdown tables from eval.synthetic result files.
 
-    python -m eval.report eval/runs/results.jsonl [--settings pc2k,full] [--seconds SAMPLE.jsonl]
+    python -m eval.report eval/results/smollm2_n10.jsonl [--settings pc2k,full] [--seconds SAMPLE.jsonl]
 
 One row per (task, setting), one column per length: mean score, n (examples; questions for a task with several
 per context) and its 95% Wilson interval, then seconds per example: the mean over the cell's records measured
@@ -46,16 +46,17 @@ def fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def key(r: dict) -> tuple:
+def record_key(r: dict) -> tuple:
+    """A result's identity: (setting, task, length, example, depth, question); eval.synthetic resumes by it."""
     return r["setting"], r["task"], r["target_length"], r["i"], r["depth"], r.get("q", 0)
 
 
 def check_sample(rows: list[dict], sample: list[dict]) -> str:
     """One line on the timing sample: does each rerun have its result's prompt and prediction?"""
-    by_key = {key(r): r for r in rows}
-    missing = [key(r) for r in sample if key(r) not in by_key]
-    differ = [key(r) for r in sample if key(r) in by_key and
-              (r.get("prompt_sha256"), r["pred"]) != (by_key[key(r)].get("prompt_sha256"), by_key[key(r)]["pred"])]
+    by_key = {record_key(r): r for r in rows}
+    seen = lambda r: (r.get("prompt_sha256"), r["pred"])
+    missing = [record_key(r) for r in sample if record_key(r) not in by_key]
+    differ = [record_key(r) for r in sample if record_key(r) in by_key and seen(r) != seen(by_key[record_key(r)])]
     out = f"Timing sample: {len(sample)} reruns"
     out += ", every one with its result's prompt and prediction" if not (missing or differ) else ""
     out += f"; not in the results: {missing}" if missing else ""
@@ -67,8 +68,8 @@ def table(rows: list[dict], settings: list[str] | None = None, sample: list[dict
     for r in rows:
         if settings is None or r["setting"] in settings:
             cells[(r["task"], r["setting"], r["target_length"])].append(r)
-    timed = {key(r) for r in rows if r.get("timing") == "quiet"}  # a sample's rerun of these adds no example
-    for r in [*rows, *(r for r in sample if key(r) not in timed)]:
+    timed = {record_key(r) for r in rows if r.get("timing") == "quiet"}  # a sample's rerun of these adds no example
+    for r in [*rows, *(r for r in sample if record_key(r) not in timed)]:
         if r.get("timing") == "quiet":
             quiet[(r["task"], r["setting"], r["target_length"])].append(r)
     if not cells:

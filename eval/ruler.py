@@ -233,14 +233,13 @@ def run(ckpt: str, data: str, cells: list[tuple[str, int]], tasks: list[str], n:
     task with about the same n."""
     import argparse as ap
     from cli_io import make_config
-    from eval.run import predict
+    from eval.run import core_version, predict
     from model import load_model
     from tokenizer import load_tokenizer
     examples = {(t, length): read_examples(data, length, t) for t in tasks for _, length in cells}
     short = [f"{t} {length}" for (t, length), exs in examples.items() if len(exs) < n]
     if short:
         raise RulerError(f"fewer than {n} generated examples for {', '.join(short)}: generate with a larger --n")
-    from eval.run import core_version
     done, core = done_records(out), core_version()
     tok, model = load_tokenizer(ckpt), load_model(ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -9,12 +9,12 @@ Each example's record is appended to --out as soon as it is done, keyed by (sett
 rerun skips the keys already there, so a long run can be stopped and resumed. A record holds the prompt's sha256
 (instruction + context + question, the text the model reads; not the prompt itself), the prediction, the score,
 the seconds, `timing`, the load they were measured under (--timing), and `core`, the commit of the code that ran
-(eval.run.core_version). q numbers the questions of a task with
-several per context (kjv_multi); with --session the context is encoded once (session.py) and each question
-runs over it (its seconds are its own; encode_s, the encoding's, is in every record). --examples runs only some
-of each cell's n examples (same depths): a timing sample, e.g. rerun on idle cores into another file. Records written before the
-hash was added (no prompt_sha256) are regenerated and hashed by `--backfill-hash` (from the record's task,
-length, i and depth: the examples are deterministic); run it only when no job appends to the file.
+(eval.run.core_version). q numbers the questions of a task with several per context (kjv_multi); with --session
+the context is encoded once (session.py) and each question runs over it (its seconds are its own; encode_s, the
+encoding's, is in every record). --examples runs only some of each cell's n examples (same depths): a timing
+sample, e.g. rerun on idle cores into another file. Records written before the hash was added (no prompt_sha256)
+are regenerated and hashed by `--backfill-hash` (from the record's task, length, i and depth: the examples are
+deterministic); run it only when no job appends to the file.
 `python -m eval.report` makes the tables. Lengths are total prompt tokens in the evaluated model's tokenizer;
 "16k" is 16,384.
 """
@@ -28,7 +28,8 @@ import sys
 
 from eval.metrics import score_example
 from cli_io import make_config
-from eval.run import RunError, predict, predict_in_session
+from eval.report import record_key
+from eval.run import RunError, core_version, predict, predict_in_session
 from eval.tasks import MAX_NEW_TOKENS, TASKS, TaskError, TaskMaker, write_jsonl
 
 
@@ -61,10 +62,6 @@ def parse_examples(spec: str | None, n: int) -> list[int]:
     if not out or out[0] < 0 or out[-1] >= n:
         raise RunError(f"--examples {spec!r}: indices run from 0 to --n minus 1 ({n - 1})")
     return out
-
-
-def record_key(r: dict) -> tuple:
-    return r["setting"], r["task"], r["target_length"], r["i"], r["depth"], r.get("q", 0)
 
 
 def read_records(path: str) -> list[dict]:
@@ -177,7 +174,6 @@ def layout(ex: dict, instruction_at: str) -> dict:
 def run_grid(args, tok, maker, tasks, lengths) -> None:
     from model import load_model
     setting = args.setting or (args.method if args.method == "full" else f"pc{args.chunk_size or 'auto'}")
-    from eval.run import core_version
     done, core = done_keys(args.out), core_version()
     model = load_model(args.ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
